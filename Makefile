@@ -1,0 +1,25 @@
+# `make demo` and `make test` are the two commands the README promises.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Re-install when the package metadata changes; the stamp is how make knows.
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --constraint constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/xcit models 'xcit_*'
+	$(BIN)/xcit bench --model xcit_nano_12_p16_224,xcit_small_12_p16_224 --resolutions 224,512,1024
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,50 @@
+"""`create_model`: build a registered architecture and load its weights, as timm users expect."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch.nn as nn
+
+from ..checkpoints.hub import cached_download
+from ..checkpoints.io import read_checkpoint
+from ..checkpoints.load import _load
+from ._registry import get_model_entry, get_pretrained_cfg
+
+
+def create_model(
+        model_name: str,
+        pretrained: bool = False,
+        checkpoint_path: str | os.PathLike | None = None,
+        num_classes: int | None = None,
+        in_chans: int | None = None,
+        drop_path_rate: float | None = None,
+        pretrained_cfg_overlay: dict[str, Any] | None = None,
+        **kwargs: Any,
+) -> nn.Module:
+    """Build `model_name` (`arch` or `arch.tag`), optionally with weights.
+
+    `pretrained=True` downloads the tag's published file into torch.hub's cache;
+    `checkpoint_path` loads a local file in any supported format instead. Giving
+    a `num_classes` other than the weights' starts a new classifier for fine-tuning.
+    `features_only=True` (with `out_indices`) returns the dense-prediction backbone.
+    Other keyword arguments go to the model's constructor.
+    """
+    entry = get_model_entry(model_name)
+    cfg = get_pretrained_cfg(model_name)
+    cfg.update(pretrained_cfg_overlay or {})
+    overrides = dict(num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate)
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    model = entry.builder(**kwargs)
+    model.pretrained_cfg = model.default_cfg = cfg
+
+    source = checkpoint_path
+    if source is None and pretrained:
+        if not cfg.get('url'):
+            raise ValueError(f'{model_name} has no published weights; pass checkpoint_path= to load a file')
+        source = cached_download(cfg['url'], f"{cfg['architecture']}.{cfg['tag']}")
+    if source is not None:
+        new_classifier = num_classes is not None and num_classes != cfg.get('num_classes')
+        _load(model, read_checkpoint(source), strict=True, use_ema=False, source=str(source),
+              new_classifier=new_classifier)
+    return model

@@ -1,0 +1,118 @@
+"""Model registry: architecture names, their pretrained weight tags, and per-family checkpoint filters.
+
+Names follow timm: `<architecture>.<tag>`, where the tag names a weight source
+(`xcit_small_12_p16_224.fb_dist_in1k`). The first tag registered for an
+architecture is its default.
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import torch.nn as nn
+
+ModelBuilder = Callable[..., nn.Module]
+CheckpointFilter = Callable[[dict, nn.Module], dict]
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    builder: ModelBuilder
+    family: str
+    cfgs: dict[str, dict] = field(default_factory=dict)  # tag -> pretrained cfg; insertion order, default first
+
+
+_MODELS: dict[str, ModelEntry] = {}
+_ALIASES: dict[str, str] = {}  # deprecated names -> `arch.tag`
+_CHECKPOINT_FILTERS: dict[type, CheckpointFilter] = {}
+
+
+def register_model(name: str, builder: ModelBuilder, family: str, cfgs: dict[str, dict]) -> None:
+    if name in _MODELS:
+        raise ValueError(f'model {name!r} is already registered')
+    _MODELS[name] = ModelEntry(name, builder, family, dict(cfgs))
+
+
+def register_alias(old_name: str, new_name: str) -> None:
+    _ALIASES[old_name] = new_name
+
+
+def register_checkpoint_filter(model_classes: Iterable[type], filter_fn: CheckpointFilter) -> None:
+    """`filter_fn(state_dict, model)` maps foreign key layouts onto the family's own before loading."""
+    for cls in model_classes:
+        _CHECKPOINT_FILTERS[cls] = filter_fn
+
+
+def get_checkpoint_filter(model: nn.Module) -> CheckpointFilter | None:
+    for cls in type(model).__mro__:
+        if cls in _CHECKPOINT_FILTERS:
+            return _CHECKPOINT_FILTERS[cls]
+    return None
+
+
+def split_model_name(name: str) -> tuple[str, str]:
+    """'arch.tag' -> ('arch', 'tag'); a name without a tag gets ''. Deprecated names resolve to their new form."""
+    name = _ALIASES.get(name, name)
+    arch, _, tag = name.partition('.')
+    return arch, tag
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    arch, tag = split_model_name(name)
+    if arch not in _MODELS:
+        close = fnmatch.filter(_MODELS, f'*{arch[:12]}*')[:5]
+        hint = f" Similar names: {', '.join(close)}." if close else " See xcit.list_models()."
+        raise ValueError(f'Unknown model {name!r}.{hint}')
+    entry = _MODELS[arch]
+    if tag and tag not in entry.cfgs:
+        known = ', '.join(entry.cfgs) or 'none'
+        raise ValueError(f'{arch!r} has no pretrained tag {tag!r}; its tags: {known}.')
+    return entry
+
+
+def get_pretrained_cfg(name: str) -> dict:
+    """The pretrained cfg for `arch.tag`, or the architecture's default tag."""
+    entry = get_model_entry(name)
+    _, tag = split_model_name(name)
+    tag = tag or next(iter(entry.cfgs), '')
+    cfg = dict(entry.cfgs.get(tag, {}))
+    cfg.update(architecture=entry.name, tag=tag)
+    return cfg
+
+
+def is_model(name: str) -> bool:
+    try:
+        get_model_entry(name)
+    except ValueError:
+        return False
+    return True
+
+
+def list_models(
+        filter: str | Iterable[str] = '',
+        pretrained: bool = False,
+        exclude_filters: str | Iterable[str] = (),
+        family: str | None = None,
+) -> list[str]:
+    """Registered names matching fnmatch wildcards, as in timm.
+
+    With `pretrained=True` the result lists `arch.tag` names, one per published weight file.
+    """
+    filters = [filter] if isinstance(filter, str) else list(filter)
+    excludes = [exclude_filters] if isinstance(exclude_filters, str) else list(exclude_filters)
+    names = []
+    for entry in _MODELS.values():
+        if family and entry.family != family:
+            continue
+        if pretrained:
+            names.extend(f'{entry.name}.{tag}' for tag, cfg in entry.cfgs.items() if cfg.get('url'))
+        else:
+            names.append(entry.name)
+    if any(filters):
+        names = [n for n in names if any(fnmatch.fnmatch(n, f) or fnmatch.fnmatch(n.partition('.')[0], f)
+                                         for f in filters if f)]
+    if excludes:
+        names = [n for n in names if not any(fnmatch.fnmatch(n, f) for f in excludes)]
+    return names

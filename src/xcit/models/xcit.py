@@ -1,0 +1,646 @@
+"""XCiT: Cross-Covariance Image Transformers (El-Nouby et al., https://arxiv.org/abs/2106.09681).
+
+Attention runs across feature channels instead of tokens: each head mixes its
+d channels with a d x d softmax of the cross-covariance of L2-normalised keys
+and queries. Cost and memory grow linearly with the number of tokens, and
+nothing depends on the input size, so any resolution (even one that is not a
+multiple of the patch size) runs without interpolation.
+
+State-dict keys are those of facebookresearch/xcit (`pos_embeder`, `local_mp`,
+`norm3`/`gamma3`, `cls_attn_blocks.j.attn.qkv`, `head`), so the released
+weights and PASSL's ports of them load unchanged; `checkpoint_filter_fn` maps
+timm's layout onto them.
+"""
+from __future__ import annotations
+
+import math
+import re
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .layers import DropPath, Mlp, take_indices
+from ._registry import register_alias, register_checkpoint_filter, register_model
+
+__all__ = ['XCiT', 'XCiTDense', 'checkpoint_filter_fn']
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class PositionalEncodingFourier(nn.Module):
+    """Sine/cosine features of each patch's (row, column), projected to the embedding width.
+
+    Coordinates are scaled into (0, 2*pi] by the grid size, so one encoding serves
+    every resolution. They are computed in float32 whatever the autocast or
+    parameter dtype: low-precision coordinates would alias neighbouring patches.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int = 32, temperature: float = 10000.0):
+        super().__init__()
+        self.token_projection = nn.Conv2d(hidden_dim * 2, dim, kernel_size=1)
+        self.hidden_dim = hidden_dim
+        self.temperature = temperature
+
+    def _axis_features(self, length: int, device: torch.device) -> torch.Tensor:
+        """(length, hidden_dim) interleaved sin/cos of positions 1..length."""
+        pos = torch.arange(1, length + 1, dtype=torch.float32, device=device)
+        pos = pos / (pos[-1:] + 1e-6) * (2 * math.pi)
+        k = torch.arange(self.hidden_dim, dtype=torch.float32, device=device)
+        freq = self.temperature ** (2 * torch.div(k, 2, rounding_mode='floor') / self.hidden_dim)
+        phase = pos[:, None] / freq  # (length, hidden_dim)
+        # channel 2m is sin and 2m+1 cos of the same frequency, as the released weights expect
+        return torch.stack((phase[:, 0::2].sin(), phase[:, 1::2].cos()), dim=2).flatten(1)
+
+    def forward(self, H: int, W: int) -> torch.Tensor:
+        weight = self.token_projection.weight
+        pos_y = self._axis_features(H, weight.device)[:, None, :].expand(H, W, self.hidden_dim)
+        pos_x = self._axis_features(W, weight.device)[None, :, :].expand(H, W, self.hidden_dim)
+        pos = torch.cat((pos_y, pos_x), dim=2).permute(2, 0, 1)[None]  # (1, 2*hidden, H, W): y-half first
+        pos = self.token_projection(pos.to(weight.dtype))  # (1, D, H, W)
+        return pos.flatten(2).transpose(1, 2)  # (1, N, D)
+
+
+def _conv_bn(in_chs: int, out_chs: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_chs, out_chs, kernel_size=3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(out_chs),
+    )
+
+
+class ConvPatchEmbed(nn.Module):
+    """log2(patch) stride-2 3x3 conv+BN units with GELU between them (none after the last).
+
+    Each unit maps a side L to ceil(L/2), which is why inputs that are not a
+    multiple of the patch size still give a well-defined grid.
+    """
+
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, act_layer=nn.GELU):
+        super().__init__()
+        if patch_size not in (8, 16):
+            raise ValueError(f'XCiT has conv stems for patch sizes 8 and 16, not {patch_size}')
+        num_units = int(math.log2(patch_size))
+        widths = [embed_dim // 2 ** (num_units - 1 - i) for i in range(num_units)]  # p16: D/8, D/4, D/2, D
+        layers: list[nn.Module] = []
+        for i, width in enumerate(widths):
+            if i:
+                layers.append(act_layer())
+            layers.append(_conv_bn(in_chans if i == 0 else widths[i - 1], width))
+        self.proj = nn.Sequential(*layers)
+        self.patch_size = patch_size
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = self.proj(x)  # (B, D, Hp, Wp)
+        Hp, Wp = x.shape[-2:]
+        return x.flatten(2).transpose(1, 2), (Hp, Wp)  # (B, N, D)
+
+
+def l2_normalize_tokens(t: torch.Tensor) -> torch.Tensor:
+    """L2-normalise along the last (token) axis in float32.
+
+    Over N tokens the sum of squares overflows float16 at high resolution and
+    F.normalize's eps underflows to zero in float16, giving NaN; the unit-norm
+    result itself is safe to hand back in the input dtype.
+    """
+    return F.normalize(t.float(), dim=-1).to(t.dtype)
+
+
+class XCA(nn.Module):
+    """Cross-covariance attention: a (d x d) softmax per head, linear in the number of tokens.
+
+    No 1/sqrt(d) scale: queries and keys are unit vectors along the token axis
+    and a learned per-head temperature sets the sharpness.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def attention_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (B, h, d, d) channel attention and the values (B, h, d, N) it mixes."""
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 4, 1)
+        q, k, v = qkv.unbind(0)  # each (B, h, d, N)
+        q, k = l2_normalize_tokens(q), l2_normalize_tokens(k)
+        attn = (q @ k.transpose(-2, -1)) * self.temperature  # (B, h, d, d)
+        return attn.softmax(dim=-1), v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        attn, v = self.attention_map(x)
+        x = self.attn_drop(attn) @ v  # (B, h, d, N)
+        x = x.permute(0, 3, 1, 2).reshape(B, N, C)  # (B, N, h*d)
+        return self.proj_drop(self.proj(x))
+
+
+class LPI(nn.Module):
+    """Local patch interaction: depthwise 3x3 conv -> GELU -> BN -> depthwise 3x3 conv.
+
+    XCA mixes channels globally; these two convs are what exchanges information
+    between neighbouring patches.
+    """
+
+    def __init__(self, dim: int, act_layer=nn.GELU):
+        super().__init__()
+        self.conv1 = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        self.act = act_layer()
+        self.bn = nn.BatchNorm2d(dim)
+        self.conv2 = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        B, N, C = x.shape
+        x = x.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W); a view with channels_last strides
+        x = self.conv2(self.bn(self.act(self.conv1(x))))
+        return x.reshape(B, C, N).transpose(1, 2)  # (B, N, C)
+
+
+class XCABlock(nn.Module):
+    """XCA, LPI and MLP residual branches, each with LayerScale and (constant-rate) drop path.
+
+    LPI runs second but owns `norm3`/`gamma3`, while the MLP owns `norm2`/`gamma2`:
+    LPI once came after the MLP, and the released weights kept the old names.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 act_layer=nn.GELU, norm_layer=partial(nn.LayerNorm, eps=1e-6), eta: float = 1.0):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = XCA(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.drop_path = DropPath(drop_path)
+        self.norm3 = norm_layer(dim)
+        self.local_mp = LPI(dim, act_layer=act_layer)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.gamma1 = nn.Parameter(eta * torch.ones(dim))
+        self.gamma3 = nn.Parameter(eta * torch.ones(dim))
+        self.gamma2 = nn.Parameter(eta * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))  # (B, N, D)
+        x = x + self.drop_path(self.gamma3 * self.local_mp(self.norm3(x), H, W))
+        x = x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x)))
+        return x
+
+
+class ClassAttention(nn.Module):
+    """Softmax attention of the class token over all tokens (CaiT), returning the new class token.
+
+    Only the class token's query is used, so the query rows of the fused (official)
+    `qkv` weight are applied to that token alone rather than to all N + 1.
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
+                 proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def attention_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The class token's (B, h, 1, 1+N) attention over all tokens and the values (B, h, 1+N, d)."""
+        B, N, C = x.shape
+        h = self.num_heads
+        w_q, w_kv = self.qkv.weight.split((C, 2 * C))
+        b_q, b_kv = self.qkv.bias.split((C, 2 * C)) if self.qkv.bias is not None else (None, None)
+        q = F.linear(x[:, :1], w_q, b_q).reshape(B, 1, h, C // h).transpose(1, 2)  # (B, h, 1, d)
+        k, v = F.linear(x, w_kv, b_kv).reshape(B, N, 2, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d)
+        attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, 1, N)
+        return attn.softmax(dim=-1), v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, C = x.shape
+        attn, v = self.attention_map(x)
+        cls = (self.attn_drop(attn) @ v).transpose(1, 2).reshape(B, 1, C)  # (B, 1, C)
+        return self.proj_drop(self.proj(cls))
+
+
+class ClassAttentionBlock(nn.Module):
+    """Class-attention block with the released models' quirks, without which their weights do not reproduce.
+
+    - the attention branch hands back norm1(patches), so patches become P + gamma1 * norm1(P);
+    - `tokens_norm` (every size but nano) applies norm2 to the patches too, not only to the class token;
+    - the MLP residual wraps a branch that returns the patches unchanged, so they are doubled.
+    Only the class token reaches the head, but the patches are the keys and values
+    of the next class-attention block and the input of 'avg' pooling.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 proj_drop: float = 0.0, attn_drop: float = 0.0, act_layer=nn.GELU,
+                 norm_layer=partial(nn.LayerNorm, eps=1e-6), eta: float = 1.0, tokens_norm: bool = False):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = ClassAttention(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                                   proj_drop=proj_drop)
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.gamma1 = nn.Parameter(eta * torch.ones(dim))
+        self.gamma2 = nn.Parameter(eta * torch.ones(dim))
+        self.tokens_norm = tokens_norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_norm = self.norm1(x)  # (B, 1+N, D)
+        cls = x[:, :1] + self.gamma1 * self.attn(x_norm)  # (B, 1, D)
+        patches = x[:, 1:] + self.gamma1 * x_norm[:, 1:]  # (B, N, D)
+        if self.tokens_norm:
+            patches = self.norm2(patches)
+        cls = self.norm2(cls)
+        cls = cls + self.gamma2 * self.mlp(cls)
+        return torch.cat((cls, patches + patches), dim=1)
+
+
+def _init_weights(module: nn.Module) -> None:
+    # the official initialisation: trunc-normal Linear weights, zero biases; convs and BN keep PyTorch's defaults
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class _XCiTTrunk(nn.Module):
+    """Conv stem, Fourier positions and XCA blocks: what the classifier and the dense backbone share."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, depth: int, num_heads: int,
+                 mlp_ratio: float, qkv_bias: bool, pos_drop_rate: float, proj_drop_rate: float,
+                 attn_drop_rate: float, drop_path_rate: float, act_layer, norm_layer, eta: float,
+                 use_pos_embed: bool):
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f'embed_dim {embed_dim} is not divisible by num_heads {num_heads}')
+        self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.grad_checkpointing = False
+        self.patch_embed = ConvPatchEmbed(patch_size, in_chans, embed_dim, act_layer=act_layer)
+        self.pos_embeder = PositionalEncodingFourier(embed_dim) if use_pos_embed else None
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+        # stochastic depth at the same rate in every block, not a linear ramp
+        self.blocks = nn.ModuleList([
+            XCABlock(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
+                     attn_drop=attn_drop_rate, drop_path=drop_path_rate, act_layer=act_layer,
+                     norm_layer=norm_layer, eta=eta)
+            for _ in range(depth)])
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x, (Hp, Wp) = self.patch_embed(x)  # (B, N, D)
+        if self.pos_embeder is not None:
+            x = x + self.pos_embeder(Hp, Wp)
+        return self.pos_drop(x), (Hp, Wp)
+
+    def run_block(self, block: XCABlock, x: torch.Tensor, Hp: int, Wp: int) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, x, Hp, Wp, use_reentrant=False)
+        return block(x, Hp, Wp)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each XCA block in the backward pass: activation memory for high-resolution training."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+
+class XCiT(_XCiTTrunk):
+    """XCiT image classifier.
+
+    The class token joins only after the XCA blocks (as in CaiT) and is refined by
+    `cls_attn_layers` class-attention blocks. `forward` always returns logits;
+    distillation belongs in a wrapper, not in a training-mode tuple.
+    """
+
+    def __init__(
+            self,
+            img_size: int | tuple[int, int] = 224,
+            patch_size: int = 16,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'token',
+            embed_dim: int = 768,
+            depth: int = 12,
+            num_heads: int = 12,
+            mlp_ratio: float = 4.0,
+            qkv_bias: bool = True,
+            drop_rate: float = 0.0,
+            pos_drop_rate: float = 0.0,
+            proj_drop_rate: float = 0.0,
+            attn_drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+            act_layer=None,
+            norm_layer=None,
+            cls_attn_layers: int = 2,
+            use_pos_embed: bool = True,
+            eta: float = 1.0,
+            tokens_norm: bool = False,
+    ):
+        """`img_size` is only the size the weights were trained at: any input size works."""
+        super().__init__(
+            patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, pos_drop_rate,
+            proj_drop_rate, attn_drop_rate, drop_path_rate, act_layer or nn.GELU,
+            norm_layer or partial(nn.LayerNorm, eps=1e-6), eta, use_pos_embed)
+        if global_pool not in ('token', 'avg', ''):
+            raise ValueError(f"global_pool must be 'token', 'avg' or '', not {global_pool!r}")
+        act_layer = act_layer or nn.GELU
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.img_size = img_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.cls_attn_blocks = nn.ModuleList([
+            ClassAttentionBlock(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                                proj_drop=drop_rate, attn_drop=attn_drop_rate, act_layer=act_layer,
+                                norm_layer=norm_layer, eta=eta, tokens_norm=tokens_norm)
+            for _ in range(cls_attn_layers)])
+        self.norm = norm_layer(embed_dim)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f'blocks.{i}')
+                             for i in range(depth)]
+
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        # as in the official recipe, whose optimizer also exempts every 1-D parameter and bias
+        return {'cls_token'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for layer-wise learning-rate decay (timm's convention)."""
+        return dict(
+            stem=r'^cls_token|^pos_embeder|^patch_embed',
+            blocks=r'^blocks\.(\d+)' if coarse else [(r'^blocks\.(\d+)', None)],
+            cls_attn_blocks=[(r'^cls_attn_blocks\.(\d+)', None), (r'^norm', (99999,))],
+        )
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            if global_pool not in ('token', 'avg', ''):
+                raise ValueError(f"global_pool must be 'token', 'avg' or '', not {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        device = self.cls_token.device
+        self.head = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            _init_weights(self.head)
+
+    def forward_cls(self, x: torch.Tensor) -> torch.Tensor:
+        """Prepend the class token to the patch tokens and run the class-attention blocks."""
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)  # (B, 1+N, D)
+        for block in self.cls_attn_blocks:
+            x = block(x)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x, (Hp, Wp) = self.embed(x)  # (B, N, D)
+        for block in self.blocks:
+            x = self.run_block(block, x, Hp, Wp)
+        return self.norm(self.forward_cls(x))  # (B, 1+N, D)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        if self.global_pool == 'token':
+            x = x[:, 0]  # (B, D)
+        elif self.global_pool == 'avg':
+            x = x[:, 1:].mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: int | Sequence[int] | None = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """XCA block outputs (patch tokens only), as (B, D, Hp, Wp) maps or (B, N, D) tokens.
+
+        `indices`: None for every block, an int n for the last n, or block numbers.
+        `norm` passes them through the final norm; unless `intermediates_only`,
+        the final normalised tokens (B, 1+N, D) come first in the returned pair.
+        """
+        if output_fmt not in ('NCHW', 'NLC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', not {output_fmt!r}")
+        take = take_indices(len(self.blocks), indices)
+        last = take[-1] if (stop_early or intermediates_only) else len(self.blocks) - 1
+        B = x.shape[0]
+        x, (Hp, Wp) = self.embed(x)
+        intermediates = []
+        for i, block in enumerate(self.blocks[:last + 1]):
+            x = self.run_block(block, x, Hp, Wp)
+            if i in take:
+                intermediates.append(self.norm(x) if norm else x)
+        if output_fmt == 'NCHW':
+            intermediates = [t.transpose(1, 2).reshape(B, -1, Hp, Wp) for t in intermediates]
+        if intermediates_only:
+            return intermediates
+        if last < len(self.blocks) - 1:
+            raise ValueError('stop_early leaves no final features; pass intermediates_only=True')
+        return self.norm(self.forward_cls(x)), intermediates
+
+
+class XCiTDense(_XCiTTrunk):
+    """The official detection/segmentation backbone: four XCA block outputs turned into a stride 4/8/16/32 pyramid.
+
+    No class token, class attention, final norm or head. Taps default to blocks
+    [3, 5, 7, 11] (depth 12) or [7, 11, 15, 23] (depth 24) and are resized by
+    transposed convs / max-pools, under the official module names `fpn1`..`fpn4`.
+    """
+
+    default_out_indices = {12: (3, 5, 7, 11), 24: (7, 11, 15, 23)}
+
+    def __init__(
+            self,
+            patch_size: int = 16,
+            in_chans: int = 3,
+            embed_dim: int = 768,
+            depth: int = 12,
+            num_heads: int = 12,
+            mlp_ratio: float = 4.0,
+            qkv_bias: bool = True,
+            pos_drop_rate: float = 0.0,
+            proj_drop_rate: float = 0.0,
+            attn_drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+            act_layer=None,
+            norm_layer=None,
+            use_pos_embed: bool = True,
+            eta: float = 1.0,
+            out_indices: Sequence[int] | None = None,
+    ):
+        super().__init__(
+            patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, pos_drop_rate,
+            proj_drop_rate, attn_drop_rate, drop_path_rate, act_layer or nn.GELU,
+            norm_layer or partial(nn.LayerNorm, eps=1e-6), eta, use_pos_embed)
+        if out_indices is None:
+            if depth not in self.default_out_indices:
+                raise ValueError(f'no default taps for depth {depth}; pass four block indices as out_indices')
+            out_indices = self.default_out_indices[depth]
+        self.out_indices = take_indices(depth, out_indices)
+        if len(self.out_indices) != 4:
+            raise ValueError(f'the pyramid needs 4 distinct block indices, got {list(out_indices)}')
+        D = embed_dim
+        if patch_size == 16:
+            self.fpn1 = nn.Sequential(nn.ConvTranspose2d(D, D, 2, stride=2), nn.BatchNorm2d(D), nn.GELU(),
+                                      nn.ConvTranspose2d(D, D, 2, stride=2))
+            self.fpn2 = nn.Sequential(nn.ConvTranspose2d(D, D, 2, stride=2))
+            self.fpn3 = nn.Identity()
+            self.fpn4 = nn.MaxPool2d(kernel_size=2, stride=2)
+        else:
+            self.fpn1 = nn.Sequential(nn.ConvTranspose2d(D, D, 2, stride=2))
+            self.fpn2 = nn.Identity()
+            self.fpn3 = nn.Sequential(nn.MaxPool2d(kernel_size=2, stride=2))
+            self.fpn4 = nn.Sequential(nn.MaxPool2d(kernel_size=4, stride=4))
+        self.feature_info = [dict(num_chs=D, reduction=r, module=f'fpn{i + 1}') for i, r in enumerate((4, 8, 16, 32))]
+        self.apply(_init_weights)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        B = x.shape[0]
+        x, (Hp, Wp) = self.embed(x)
+        taps = []
+        for i, block in enumerate(self.blocks[:self.out_indices[-1] + 1]):
+            x = self.run_block(block, x, Hp, Wp)
+            if i in self.out_indices:
+                taps.append(x.transpose(1, 2).reshape(B, -1, Hp, Wp))  # (B, D, Hp, Wp)
+        adapters = (self.fpn1, self.fpn2, self.fpn3, self.fpn4)
+        return [adapter(t) for adapter, t in zip(adapters, taps)]
+
+
+_TIMM_SPLIT_QKV = re.compile(r'^(cls_attn_blocks\.\d+\.attn)\.([qkv])\.(weight|bias)$')
+
+
+def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
+    """Map a flat XCiT state dict from timm's layout to ours (the official one).
+
+    timm renames `pos_embeder` to `pos_embed` and splits each class-attention
+    `qkv` into `q`, `k`, `v`; both are undone here. For the dense backbone the
+    classification-only entries (class token, class attention, norm, head) are dropped.
+    """
+    out = {}
+    split_qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        if key.startswith('pos_embed.'):
+            key = 'pos_embeder.' + key[len('pos_embed.'):]
+        split = _TIMM_SPLIT_QKV.match(key)
+        if split:
+            prefix, part, kind = split.groups()
+            split_qkv.setdefault(f'{prefix}.qkv.{kind}', {})[part] = value
+            continue
+        out[key] = value
+    for key, parts in split_qkv.items():
+        if set(parts) != {'q', 'k', 'v'}:
+            raise ValueError(f'{key}: the checkpoint has only {sorted(parts)} of q, k, v')
+        out[key] = torch.cat([parts['q'], parts['k'], parts['v']], dim=0)
+    if isinstance(model, XCiTDense):
+        out = {k: v for k, v in out.items()
+               if not (k == 'cls_token' or k.startswith(('cls_attn_blocks.', 'norm.', 'head.')))}
+    return out
+
+
+def timm_state_dict(state_dict: dict) -> dict:
+    """Our (official) layout -> timm's: `pos_embed` and split class-attention q/k/v."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith('pos_embeder.'):
+            out['pos_embed.' + key[len('pos_embeder.'):]] = value
+        elif key.startswith('cls_attn_blocks.') and '.attn.qkv.' in key:
+            prefix, kind = key.split('.attn.qkv.')
+            for part, chunk in zip('qkv', value.chunk(3, dim=0)):
+                out[f'{prefix}.attn.{part}.{kind}'] = chunk.clone()
+        else:
+            out[key] = value
+    return out
+
+
+register_checkpoint_filter((XCiT, XCiTDense), checkpoint_filter_fn)
+
+
+# --- variants -------------------------------------------------------------------------------------
+
+_FB_URL = 'https://dl.fbaipublicfiles.com/xcit/{}.pth'
+_PASSL_URL = 'https://passl.bj.bcebos.com/vision_transformers/xcit/{}.pdparams'
+
+# size: (embed_dim, depth, num_heads, tokens_norm); LayerScale eta is 1.0 at depth 12 and 1e-5 at depth 24
+_XCIT_SIZES = {
+    'nano_12': (128, 12, 4, False),
+    'tiny_12': (192, 12, 4, True),
+    'tiny_24': (192, 24, 4, True),
+    'small_12': (384, 12, 8, True),
+    'small_24': (384, 24, 8, True),
+    'medium_24': (512, 24, 8, True),
+    'large_24': (768, 24, 16, True),
+}
+# PASSL published its own distilled run for this one model only
+_PASSL_DIST = {'xcit_nano_12_p8_224'}
+
+
+def _cfg(url: str, resolution: int, **kwargs) -> dict:
+    return dict(
+        url=url, num_classes=1000, input_size=(3, resolution, resolution), crop_pct=1.0,
+        interpolation='bicubic', fixed_input_size=False, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        first_conv='patch_embed.proj.0.0', classifier='head', license='apache-2.0',
+        paper_ids='arXiv:2106.09681', **kwargs)
+
+
+def _xcit_cfgs(name: str, resolution: int) -> dict[str, dict]:
+    origin = dict(origin_url='https://github.com/facebookresearch/xcit')
+    passl = dict(origin_url='https://github.com/PaddlePaddle/PASSL', checkpoint_format='passl')
+    cfgs = {}
+    if resolution == 224:  # no undistilled 384 models were released
+        cfgs['fb_in1k'] = _cfg(_FB_URL.format(name), resolution, **origin)
+    cfgs['fb_dist_in1k'] = _cfg(_FB_URL.format(name + '_dist'), resolution, **origin)
+    if resolution == 224:
+        cfgs['passl_in1k'] = _cfg(_PASSL_URL.format(name), resolution, **passl)
+    if name in _PASSL_DIST:
+        cfgs['passl_dist_in1k'] = _cfg(_PASSL_URL.format(name + '_dist'), resolution, **passl)
+    return cfgs
+
+
+def _create_xcit(features_only: bool = False, out_indices: Sequence[int] | None = None, **kwargs) -> nn.Module:
+    if features_only:
+        for key in ('img_size', 'num_classes', 'global_pool', 'drop_rate', 'cls_attn_layers', 'tokens_norm'):
+            kwargs.pop(key, None)
+        return XCiTDense(out_indices=out_indices, **kwargs)
+    if out_indices is not None:
+        raise ValueError('out_indices applies to features_only=True')
+    return XCiT(**kwargs)
+
+
+for _size, (_dim, _depth, _heads, _tokens_norm) in _XCIT_SIZES.items():
+    for _patch in (16, 8):
+        for _res in (224, 384):
+            _name = f'xcit_{_size}_p{_patch}_{_res}'
+            register_model(
+                _name,
+                partial(_create_xcit, img_size=_res, patch_size=_patch, embed_dim=_dim, depth=_depth,
+                        num_heads=_heads, eta=1.0 if _depth == 12 else 1e-5, tokens_norm=_tokens_norm),
+                family='xcit',
+                cfgs=_xcit_cfgs(_name, _res),
+            )
+            register_alias(f'{_name}_dist', f'{_name}.fb_dist_in1k')  # timm's pre-tag names
