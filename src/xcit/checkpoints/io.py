@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-# torch.save's legacy (non-zip) format starts with this pickled magic number
-_LEGACY_TORCH_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, 'little')
+# torch.save's legacy (non-zip) format starts by pickling this magic number (opcode LONG1, 10 bytes)
+_LEGACY_TORCH_MAGIC = b'\x8a\x0a' + (0x1950A86A20F9469CFC6C).to_bytes(10, 'little')
 
 
 class CheckpointError(ValueError):
@@ -30,7 +30,7 @@ def sniff_format(path: str | os.PathLike) -> str:
     if head.startswith(b'PK\x03\x04'):
         return 'torch'
     if head[:1] == b'\x80':
-        return 'torch-legacy' if head[2:12] == _LEGACY_TORCH_MAGIC else 'pickle'
+        return 'torch-legacy' if head[2:14] == _LEGACY_TORCH_MAGIC else 'pickle'
     if len(head) >= 9 and head[8:9] == b'{':
         return 'safetensors'
     return 'unknown'

@@ -13,6 +13,7 @@ timm's layout onto them.
 """
 from __future__ import annotations
 
+import logging
 import math
 import re
 from functools import partial
@@ -27,6 +28,8 @@ from .layers import DropPath, Mlp, take_indices
 from ._registry import register_alias, register_checkpoint_filter, register_model
 
 __all__ = ['XCiT', 'XCiTDense', 'checkpoint_filter_fn']
+
+_logger = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -560,6 +563,10 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
     if isinstance(model, XCiTDense):
         out = {k: v for k, v in out.items()
                if not (k == 'cls_token' or k.startswith(('cls_attn_blocks.', 'norm.', 'head.')))}
+        if not any(k.startswith('fpn') for k in out):
+            # a classification checkpoint: the pyramid adapters start from their initialisation, as in the official code
+            _logger.info('checkpoint has no fpn adapters; they keep their initialisation')
+            out.update({k: v for k, v in model.state_dict().items() if k.startswith('fpn')})
     return out
 
 

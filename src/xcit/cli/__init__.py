@@ -1,0 +1,1 @@
+"""The `xcit` command line."""

@@ -1,0 +1,34 @@
+"""`xcit <command>`: one entry point for every tool, each command in its own module."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ..checkpoints import CheckpointError
+from . import bench, models
+
+COMMANDS = {'models': models, 'bench': bench}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog='xcit', description='Cross-covariance image transformers: models and tools.')
+    sub = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    for name, module in COMMANDS.items():
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        # bad input: one line, no traceback
+        print(f'xcit {args.command}: error: {e}', file=sys.stderr)
+        return 2
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,32 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# golden files written by the reference implementations; a user's clone has none
+FIXTURES = Path(os.environ.get('XCIT_FIXTURES', Path(__file__).resolve().parents[2] / 'shared' / 'fixtures'))
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    if not FIXTURES.is_dir():
+        pytest.skip(f'reference fixtures not found at {FIXTURES} (set XCIT_FIXTURES to their folder)')
+    return FIXTURES
+
+
+def perturb_(model: torch.nn.Module, scale: float = 0.02, seed: int = 0) -> torch.nn.Module:
+    """Move every parameter and BatchNorm statistic away from its initial value.
+
+    Init values (unit gammas and temperatures, zero means) hide mistakes such as
+    a swapped norm or a missing branch; perturbed ones do not.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.dtype.is_floating_point:
+                continue
+            t.add_(torch.randn(t.shape, generator=g) * scale)
+            if name.endswith('running_var'):
+                t.abs_().add_(0.5)
+    return model

@@ -1,0 +1,109 @@
+"""Each XCiT layer against the paper's maths written out plainly."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xcit.models.xcit import (ClassAttention, ClassAttentionBlock, ConvPatchEmbed, PositionalEncodingFourier, XCA,
+                              l2_normalize_tokens)
+from conftest import perturb_
+
+
+def test_fourier_encoding_matches_its_definition():
+    torch.manual_seed(0)
+    pe = PositionalEncodingFourier(dim=16)
+    H, W = 3, 5
+    expected = torch.empty(64, H, W)
+    for i in range(H):
+        for j in range(W):
+            y = 2 * math.pi * (i + 1) / (H + 1e-6)
+            x = 2 * math.pi * (j + 1) / (W + 1e-6)
+            for k in range(32):
+                freq = 10000 ** (2 * (k // 2) / 32)
+                trig = math.sin if k % 2 == 0 else math.cos
+                expected[k, i, j] = trig(y / freq)  # y-half first
+                expected[32 + k, i, j] = trig(x / freq)
+    projected = F.conv2d(expected[None], pe.token_projection.weight, pe.token_projection.bias)
+    assert torch.allclose(pe(H, W), projected.flatten(2).transpose(1, 2), atol=1e-5)
+
+
+def test_fourier_encoding_does_not_depend_on_parameter_dtype():
+    pe = PositionalEncodingFourier(dim=8)
+    ref = pe(40, 40)
+    pe.to(torch.bfloat16)
+    assert pe(40, 40).dtype == torch.bfloat16
+    assert torch.allclose(pe(40, 40).float(), ref, atol=0.05)
+
+
+def test_xca_matches_per_head_formula():
+    torch.manual_seed(0)
+    dim, heads, B, N = 24, 3, 2, 11
+    xca = perturb_(XCA(dim, num_heads=heads), scale=0.3).eval()
+    x = torch.randn(B, N, dim)
+    q, k, v = xca.qkv(x).split(dim, dim=-1)
+    d = dim // heads
+    out = torch.empty(B, N, dim)
+    for b in range(B):
+        for h in range(heads):
+            cols = slice(h * d, (h + 1) * d)
+            qh, kh, vh = q[b, :, cols], k[b, :, cols], v[b, :, cols]  # (N, d)
+            qh = qh / qh.norm(dim=0, keepdim=True)  # unit norm along tokens
+            kh = kh / kh.norm(dim=0, keepdim=True)
+            attn = torch.softmax(qh.T @ kh * xca.temperature[h], dim=-1)  # (d, d), no 1/sqrt(d)
+            out[b, :, cols] = (attn @ vh.T).T
+    assert torch.allclose(xca(x), xca.proj(out), atol=1e-5)
+
+
+def test_xca_cost_has_no_token_by_token_map():
+    xca = XCA(32, num_heads=4)
+    attn, v = xca.attention_map(torch.randn(1, 4096, 32))
+    assert attn.shape == (1, 4, 8, 8) and v.shape == (1, 4, 8, 4096)
+
+
+def test_l2_norm_survives_float16_overflow():
+    t = torch.full((1, 1, 2, 16384), 300.0, dtype=torch.float16)  # sum of squares ~1.5e9 > fp16 max
+    out = l2_normalize_tokens(t)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert torch.allclose(out.float().norm(dim=-1), torch.ones(1, 1, 2), atol=1e-2)
+    tiny = torch.zeros(1, 4, dtype=torch.float16)
+    assert torch.equal(l2_normalize_tokens(tiny), tiny)  # eps clamps the norm: zeros stay zeros, not NaN
+
+
+def test_class_attention_equals_the_fused_qkv_formulation():
+    """The query of the class token alone, from the same fused weights, gives the official result."""
+    torch.manual_seed(0)
+    dim, heads, B, N = 32, 4, 2, 9
+    ca = perturb_(ClassAttention(dim, num_heads=heads), scale=0.3).eval()
+    x = torch.randn(B, N, dim)
+    qkv = ca.qkv(x).reshape(B, N, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = ((q[:, :, :1] * k).sum(-1) * (dim // heads) ** -0.5).softmax(-1)  # (B, h, N)
+    cls = (attn.unsqueeze(2) @ v).transpose(1, 2).reshape(B, 1, dim)
+    assert torch.allclose(ca(x), ca.proj(cls), atol=1e-5)
+
+
+@pytest.mark.parametrize('tokens_norm', [False, True])
+def test_class_attention_block_keeps_the_official_quirks(tokens_norm):
+    torch.manual_seed(0)
+    block = perturb_(ClassAttentionBlock(16, num_heads=2, tokens_norm=tokens_norm), scale=0.3).eval()
+    x = torch.randn(2, 7, 16)
+    c, P = x[:, :1], x[:, 1:]
+    n1 = block.norm1(x)
+    c1 = c + block.gamma1 * block.attn(n1)
+    P1 = P + block.gamma1 * n1[:, 1:]  # normalised patches re-attached by the attention branch
+    c2 = block.norm2(c1)
+    P2 = block.norm2(P1) if tokens_norm else P1
+    expected = torch.cat([c2 + block.gamma2 * block.mlp(c2), 2 * P2], dim=1)  # patches doubled
+    assert torch.allclose(block(x), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize('patch,widths', [(16, [16, 32, 64, 128]), (8, [32, 64, 128])])
+def test_conv_stem_layout(patch, widths):
+    stem = ConvPatchEmbed(patch, 3, 128)
+    convs = [m for m in stem.proj if isinstance(m, torch.nn.Sequential)]
+    assert [c[0].out_channels for c in convs] == widths
+    assert all(c[0].bias is None and c[0].stride == (2, 2) for c in convs)
+    assert [type(m).__name__ for m in stem.proj][-1] == 'Sequential'  # no activation after the last unit
+    tokens, grid = stem(torch.randn(1, 3, 100, 37))
+    assert grid == (math.ceil(100 / patch), math.ceil(37 / patch)) and tokens.shape == (1, grid[0] * grid[1], 128)
