@@ -279,14 +279,34 @@ def _init_weights(module: nn.Module) -> None:
 class _XCiTTrunk(nn.Module):
     """Conv stem, Fourier positions and XCA blocks: what the classifier and the dense backbone share."""
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, depth: int, num_heads: int,
-                 mlp_ratio: float, qkv_bias: bool, pos_drop_rate: float, proj_drop_rate: float,
-                 attn_drop_rate: float, drop_path_rate: float, act_layer, norm_layer, eta: float,
-                 use_pos_embed: bool):
+    def __init__(
+            self,
+            patch_size: int = 16,
+            in_chans: int = 3,
+            embed_dim: int = 768,
+            depth: int = 12,
+            num_heads: int = 12,
+            mlp_ratio: float = 4.0,
+            qkv_bias: bool = True,
+            pos_drop_rate: float = 0.0,
+            proj_drop_rate: float = 0.0,
+            attn_drop_rate: float = 0.0,
+            drop_path_rate: float = 0.0,
+            act_layer=None,
+            norm_layer=None,
+            eta: float = 1.0,
+            use_pos_embed: bool = True,
+    ):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f'embed_dim {embed_dim} is not divisible by num_heads {num_heads}')
+        act_layer = act_layer or nn.GELU
+        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
+        # what the classifier's class-attention blocks share with the XCA blocks
+        self.layer_kwargs = dict(mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, attn_drop=attn_drop_rate,
+                                 act_layer=act_layer, norm_layer=norm_layer, eta=eta)
         self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
+        self.num_heads = num_heads
         self.patch_size = patch_size
         self.in_chans = in_chans
         self.grad_checkpointing = False
@@ -295,9 +315,7 @@ class _XCiTTrunk(nn.Module):
         self.pos_drop = nn.Dropout(pos_drop_rate)
         # stochastic depth at the same rate in every block, not a linear ramp
         self.blocks = nn.ModuleList([
-            XCABlock(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop_rate,
-                     attn_drop=attn_drop_rate, drop_path=drop_path_rate, act_layer=act_layer,
-                     norm_layer=norm_layer, eta=eta)
+            XCABlock(embed_dim, num_heads, proj_drop=proj_drop_rate, drop_path=drop_path_rate, **self.layer_kwargs)
             for _ in range(depth)])
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -332,50 +350,36 @@ class XCiT(_XCiTTrunk):
     def __init__(
             self,
             img_size: int | tuple[int, int] = 224,
-            patch_size: int = 16,
-            in_chans: int = 3,
             num_classes: int = 1000,
             global_pool: str = 'token',
-            embed_dim: int = 768,
-            depth: int = 12,
-            num_heads: int = 12,
-            mlp_ratio: float = 4.0,
-            qkv_bias: bool = True,
             drop_rate: float = 0.0,
-            pos_drop_rate: float = 0.0,
-            proj_drop_rate: float = 0.0,
-            attn_drop_rate: float = 0.0,
-            drop_path_rate: float = 0.0,
-            act_layer=None,
-            norm_layer=None,
             cls_attn_layers: int = 2,
-            use_pos_embed: bool = True,
-            eta: float = 1.0,
             tokens_norm: bool = False,
+            **trunk_kwargs,
     ):
-        """`img_size` is only the size the weights were trained at: any input size works."""
-        super().__init__(
-            patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, pos_drop_rate,
-            proj_drop_rate, attn_drop_rate, drop_path_rate, act_layer or nn.GELU,
-            norm_layer or partial(nn.LayerNorm, eps=1e-6), eta, use_pos_embed)
+        """`img_size` is only the size the weights were trained at: any input size works.
+
+        `trunk_kwargs`: patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
+        qkv_bias, pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate,
+        act_layer, norm_layer, eta (LayerScale init), use_pos_embed.
+        """
+        super().__init__(**trunk_kwargs)
         if global_pool not in ('token', 'avg', ''):
             raise ValueError(f"global_pool must be 'token', 'avg' or '', not {global_pool!r}")
-        act_layer = act_layer or nn.GELU
-        norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)
+        embed_dim = self.embed_dim
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.img_size = img_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.cls_attn_blocks = nn.ModuleList([
-            ClassAttentionBlock(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
-                                proj_drop=drop_rate, attn_drop=attn_drop_rate, act_layer=act_layer,
-                                norm_layer=norm_layer, eta=eta, tokens_norm=tokens_norm)
+            ClassAttentionBlock(embed_dim, self.num_heads, proj_drop=drop_rate, tokens_norm=tokens_norm,
+                                **self.layer_kwargs)
             for _ in range(cls_attn_layers)])
-        self.norm = norm_layer(embed_dim)
+        self.norm = self.layer_kwargs['norm_layer'](embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f'blocks.{i}')
-                             for i in range(depth)]
+        self.feature_info = [dict(num_chs=embed_dim, reduction=self.patch_size, module=f'blocks.{i}')
+                             for i in range(len(self.blocks))]
 
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_weights)
@@ -478,29 +482,10 @@ class XCiTDense(_XCiTTrunk):
 
     default_out_indices = {12: (3, 5, 7, 11), 24: (7, 11, 15, 23)}
 
-    def __init__(
-            self,
-            patch_size: int = 16,
-            in_chans: int = 3,
-            embed_dim: int = 768,
-            depth: int = 12,
-            num_heads: int = 12,
-            mlp_ratio: float = 4.0,
-            qkv_bias: bool = True,
-            pos_drop_rate: float = 0.0,
-            proj_drop_rate: float = 0.0,
-            attn_drop_rate: float = 0.0,
-            drop_path_rate: float = 0.0,
-            act_layer=None,
-            norm_layer=None,
-            use_pos_embed: bool = True,
-            eta: float = 1.0,
-            out_indices: Sequence[int] | None = None,
-    ):
-        super().__init__(
-            patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio, qkv_bias, pos_drop_rate,
-            proj_drop_rate, attn_drop_rate, drop_path_rate, act_layer or nn.GELU,
-            norm_layer or partial(nn.LayerNorm, eps=1e-6), eta, use_pos_embed)
+    def __init__(self, out_indices: Sequence[int] | None = None, **trunk_kwargs):
+        """`trunk_kwargs` as for `XCiT`."""
+        super().__init__(**trunk_kwargs)
+        depth, patch_size = len(self.blocks), self.patch_size
         if out_indices is None:
             if depth not in self.default_out_indices:
                 raise ValueError(f'no default taps for depth {depth}; pass four block indices as out_indices')
@@ -508,7 +493,7 @@ class XCiTDense(_XCiTTrunk):
         self.out_indices = take_indices(depth, out_indices)
         if len(self.out_indices) != 4:
             raise ValueError(f'the pyramid needs 4 distinct block indices, got {list(out_indices)}')
-        D = embed_dim
+        D = self.embed_dim
         if patch_size == 16:
             self.fpn1 = nn.Sequential(nn.ConvTranspose2d(D, D, 2, stride=2), nn.BatchNorm2d(D), nn.GELU(),
                                       nn.ConvTranspose2d(D, D, 2, stride=2))
