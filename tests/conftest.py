@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,3 +32,27 @@ def perturb_(model: torch.nn.Module, scale: float = 0.02, seed: int = 0) -> torc
             if name.endswith('running_var'):
                 t.abs_().add_(0.5)
     return model
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Bitwise equal state dicts: same keys, dtypes and values."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+
+
+class Payload:
+    """Unpickling this creates the marker file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return Path.touch, (Path(self.marker),)
+
+
+def run_cli(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`xcit ARGS...` in a fresh interpreter, as a user runs it."""
+    return subprocess.run([sys.executable, '-m', 'xcit.cli.main', *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)

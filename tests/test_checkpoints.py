@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import xcit
-from conftest import perturb_
+from conftest import Payload, assert_same_weights, perturb_
 from xcit.checkpoints import CheckpointError, PretrainedUnavailableError, read_checkpoint, sniff_format
 
 NAME = 'xcit_nano_12_p16_224'
@@ -18,11 +18,6 @@ NAME = 'xcit_nano_12_p16_224'
 def trained():
     torch.manual_seed(0)
     return perturb_(xcit.create_model(NAME)).eval()
-
-
-def _same_weights(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 @pytest.mark.parametrize('layout', ['flat', 'model', 'state_dict', 'ddp', 'training'])
@@ -39,7 +34,7 @@ def test_official_layouts_load(tmp_path, trained, layout):
     path = tmp_path / 'ckpt.pth'
     torch.save(obj, path)
     model = xcit.create_model(NAME, checkpoint_path=path)
-    assert _same_weights(model, trained)
+    assert_same_weights(model, trained)
 
 
 def test_ema_weights_on_request(tmp_path, trained):
@@ -48,7 +43,7 @@ def test_ema_weights_on_request(tmp_path, trained):
     torch.save({'model': fresh, 'model_ema': trained.state_dict()}, path)
     model = xcit.create_model(NAME)
     xcit.load_checkpoint(model, path, use_ema=True)
-    assert _same_weights(model, trained)
+    assert_same_weights(model, trained)
     with pytest.raises(CheckpointError, match='no model_ema'):
         xcit.load_checkpoint(model, {'model': fresh}, use_ema=True)
 
@@ -59,14 +54,15 @@ def test_timm_layout_loads(trained):
     assert 'pos_embed.token_projection.weight' in timm_sd and 'cls_attn_blocks.0.attn.q.weight' in timm_sd
     model = xcit.create_model(NAME)
     xcit.load_checkpoint(model, timm_sd)
-    assert _same_weights(model, trained)
+    assert_same_weights(model, trained)
 
 
 def test_missing_num_batches_tracked_is_tolerated(trained):
     sd = {k: v for k, v in trained.state_dict().items() if not k.endswith('num_batches_tracked')}
     model = xcit.create_model(NAME)
     result = xcit.load_checkpoint(model, sd)
-    assert result.missing == [] and _same_weights(model, trained)
+    assert result.missing == []
+    assert_same_weights(model, trained)
 
 
 def test_mismatch_names_missing_unexpected_and_misshaped_keys(trained):
@@ -110,20 +106,10 @@ def test_new_class_count_starts_a_new_head(tmp_path, trained, caplog):
         xcit.create_model(NAME, checkpoint_path=tmp_path / 'ten.pth')
 
 
-class _Payload:
-    """Unpickling this creates the marker file: what a malicious checkpoint would do."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return Path.touch, (Path(self.marker),)
-
-
 def test_pth_that_runs_code_is_refused(tmp_path):
     marker = tmp_path / 'pwned'
     path = tmp_path / 'evil.pth'
-    torch.save({'model': {'w': torch.ones(1)}, 'x': _Payload(marker)}, path)
+    torch.save({'model': {'w': torch.ones(1)}, 'x': Payload(marker)}, path)
     with pytest.raises(CheckpointError, match='refused'):
         xcit.create_model(NAME, checkpoint_path=path)
     assert not marker.exists()
@@ -134,7 +120,7 @@ def test_pdparams_that_runs_code_is_refused(tmp_path, protocol):
     marker = tmp_path / 'pwned'
     path = tmp_path / 'evil.pdparams'
     with open(path, 'wb') as f:
-        pickle.dump({'backbone.cls_token': _Payload(marker)}, f, protocol=protocol)
+        pickle.dump({'backbone.cls_token': Payload(marker)}, f, protocol=protocol)
     with pytest.raises(CheckpointError, match='refused.*code, not weights'):
         read_checkpoint(path)
     assert not marker.exists()
@@ -168,7 +154,7 @@ def test_format_is_sniffed_not_guessed_from_the_extension(tmp_path, trained):
     torch.save(trained.state_dict(), legacy, _use_new_zipfile_serialization=False)
     assert sniff_format(legacy) == 'torch-legacy'
     model = xcit.create_model(NAME, checkpoint_path=legacy)
-    assert _same_weights(model, trained)
+    assert_same_weights(model, trained)
 
 
 def test_pretrained_download_from_a_file_url(tmp_path, trained, monkeypatch):
@@ -178,11 +164,11 @@ def test_pretrained_download_from_a_file_url(tmp_path, trained, monkeypatch):
     torch.save({'model': trained.state_dict()}, published)
     overlay = dict(url=published.as_uri())
     model = xcit.create_model(NAME, pretrained=True, pretrained_cfg_overlay=overlay)
-    assert _same_weights(model, trained)
+    assert_same_weights(model, trained)
     cached = Path(torch.hub.get_dir()) / 'checkpoints' / 'xcit_nano_12_p16_224.pth'
     assert cached.is_file() and str(cached).startswith(str(tmp_path))
     published.unlink()  # the second call is served from the cache
-    assert _same_weights(xcit.create_model(NAME, pretrained=True, pretrained_cfg_overlay=overlay), trained)
+    assert_same_weights(xcit.create_model(NAME, pretrained=True, pretrained_cfg_overlay=overlay), trained)
 
 
 def test_offline_download_names_the_url_and_the_local_alternative(tmp_path, monkeypatch):

@@ -1,9 +1,8 @@
 import json
-import subprocess
-import sys
 
 import pytest
 
+from conftest import run_cli
 from xcit.cli.main import main
 
 
@@ -33,9 +32,7 @@ def test_bad_input_is_one_line_and_exit_code_2(capsys):
 @pytest.mark.slow
 def test_bench_sweep_writes_json(tmp_path):
     out = tmp_path / 'sweep.json'
-    proc = subprocess.run(
-        [sys.executable, '-m', 'xcit.cli.main', 'bench', '--model', 'xcit_nano_12_p16_224', '--resolutions', '64,128',
-         '--iters', '1', '--json', str(out)], capture_output=True, text=True, timeout=300)
+    proc = run_cli('bench', '--model', 'xcit_nano_12_p16_224', '--resolutions', '64,128', '--iters', '1', '--json', out)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     points = result['points']

@@ -1,9 +1,11 @@
 """Reading, converting and loading checkpoints from every supported source."""
+from .convert import FORMATS, convert_checkpoint, extract_weights, save_state_dict
 from .hub import PretrainedUnavailableError, cached_download
 from .io import CheckpointError, read_checkpoint, sniff_format
-from .load import LoadResult, extract_state_dict, load_checkpoint, load_state_dict
+from .load import LoadResult, extract_state_dict, load_checkpoint, load_into, load_state_dict, read_state_dict
 
 __all__ = [
-    'CheckpointError', 'LoadResult', 'PretrainedUnavailableError', 'cached_download', 'extract_state_dict',
-    'load_checkpoint', 'load_state_dict', 'read_checkpoint', 'sniff_format',
+    'FORMATS', 'CheckpointError', 'LoadResult', 'PretrainedUnavailableError', 'cached_download', 'convert_checkpoint',
+    'extract_state_dict', 'extract_weights', 'load_checkpoint', 'load_into', 'load_state_dict', 'read_checkpoint',
+    'read_state_dict', 'save_state_dict', 'sniff_format',
 ]

@@ -10,12 +10,14 @@ import torch
 import torch.nn as nn
 
 from .io import CheckpointError, read_checkpoint
+from .paddle import from_paddle, is_paddle_layout
 
 _logger = logging.getLogger(__name__)
 
 # where training frameworks nest the weights, in the order they are looked for
 _WEIGHT_KEYS = ('model', 'state_dict', 'module')
 _EMA_KEYS = ('model_ema', 'state_dict_ema')
+_DISTILL_PREFIXES = ('Student.', 'Teacher.')
 
 
 @dataclass
@@ -27,7 +29,12 @@ class LoadResult:
 
 
 def extract_state_dict(obj: Any, use_ema: bool = False, source: str = 'checkpoint') -> dict[str, torch.Tensor]:
-    """The flat name -> tensor mapping inside a checkpoint object (official, timm, DDP or plain)."""
+    """The flat name -> tensor mapping inside a checkpoint object, in PyTorch's conventions.
+
+    Unwraps training checkpoints (official, timm, PASSL, ours), DDP's `module.`
+    prefix and PASSL's distillation wrapper (its `Student.`), and converts
+    Paddle's layout. Family-specific layouts (timm's) are left to the model's adapter.
+    """
     if not isinstance(obj, Mapping):
         raise CheckpointError(f'{source}: expected a mapping of weights, found {type(obj).__name__}')
     if use_ema:
@@ -47,6 +54,12 @@ def extract_state_dict(obj: Any, use_ema: bool = False, source: str = 'checkpoin
             f"(or one under {', '.join(repr(k) for k in _WEIGHT_KEYS)})")
     if state_dict and all(k.startswith('module.') for k in state_dict):  # saved from a DDP wrapper
         state_dict = {k[len('module.'):]: v for k, v in state_dict.items()}
+    if state_dict and all(k.startswith(_DISTILL_PREFIXES) for k in state_dict):
+        # a distillation checkpoint (PASSL's DistillationWrapper): the student is the model being trained
+        _logger.info('%s: distillation checkpoint, loading its Student. weights', source)
+        state_dict = {k[len('Student.'):]: v for k, v in state_dict.items() if k.startswith('Student.')}
+    if is_paddle_layout(state_dict):
+        state_dict = from_paddle(state_dict)
     return state_dict
 
 
@@ -100,10 +113,11 @@ def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], stric
             message += _listing('unexpected in the checkpoint', result.unexpected)
         if result.mismatched:
             message += _listing('shape mismatch', result.mismatched)
-        head_mismatch = [m for m in result.mismatched if m.startswith(classifier + '.')]
-        if head_mismatch:
-            message += ('\n  The classifier has a different number of classes: build the model with the '
-                        "checkpoint's num_classes, or with create_model(name, num_classes=N, checkpoint_path=...) "
+        message += _describe_mismatch(model, state_dict)
+        bias = f'{classifier}.bias'
+        if bias in state_dict and bias in own and state_dict[bias].shape != own[bias].shape:
+            message += (f'\n  The checkpoint has {state_dict[bias].shape[0]} classes: build the model with that '
+                        'num_classes, or use create_model(name, num_classes=N, checkpoint_path=...) '
                         'to fine-tune a new classifier.')
         if strict:
             raise CheckpointError(message)
@@ -112,29 +126,47 @@ def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], stric
     return result
 
 
+def _describe_mismatch(model: nn.Module, state_dict: dict) -> str:
+    """Say which model the weights look like, next to the one they were loaded into."""
+    from ..models._registry import guess_architecture
+
+    ours, theirs = guess_architecture(model.state_dict()), guess_architecture(state_dict)
+    if theirs is None:
+        return f"\n  The checkpoint does not look like any model this package knows (first keys: {', '.join(list(state_dict)[:3])})."
+    if ours is not None and ours.description == theirs.description:
+        return ''
+    looks_like = f'{theirs.architecture} ({theirs.description})' if theirs.architecture else theirs.description
+    asked = f'{_model_name(model)} ({ours.description})' if ours else _model_name(model)
+    return f'\n  The checkpoint looks like {looks_like}; you asked for {asked}.'
+
+
+def read_state_dict(checkpoint: str | os.PathLike | Mapping[str, Any], use_ema: bool = False
+                    ) -> tuple[dict[str, torch.Tensor], str]:
+    """The state dict in a file or loaded object, in PyTorch conventions, and a name for it in messages."""
+    if isinstance(checkpoint, (str, os.PathLike)):
+        return extract_state_dict(read_checkpoint(checkpoint), use_ema, str(checkpoint)), str(checkpoint)
+    return extract_state_dict(checkpoint, use_ema, 'state dict'), 'state dict'
+
+
 def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any], strict: bool = True,
                     use_ema: bool = False) -> LoadResult:
-    """Load official, timm or plain PyTorch weights into `model`.
+    """Load official, timm, PASSL, safetensors or our own weights into `model`.
 
     `checkpoint` is a file path or an already loaded object (state dict or
-    training checkpoint). Files are read with `torch.load(weights_only=True)`.
-    With `strict`, anything missing, unexpected or mis-shaped raises a
+    training checkpoint). Files are never unpickled beyond weights. With
+    `strict`, anything missing, unexpected or mis-shaped raises a
     `CheckpointError` that lists it; otherwise it is logged and skipped.
     """
-    if isinstance(checkpoint, (str, os.PathLike)):
-        source = str(checkpoint)
-        checkpoint = read_checkpoint(checkpoint)
-    else:
-        source = 'state dict'
-    return _load(model, checkpoint, strict=strict, use_ema=use_ema, source=source)
+    state_dict, source = read_state_dict(checkpoint, use_ema)
+    return load_into(model, state_dict, strict=strict, source=source)
 
 
-def _load(model: nn.Module, obj: Any, strict: bool, use_ema: bool, source: str,
-          new_classifier: bool = False) -> LoadResult:
-    from ..models._registry import get_checkpoint_filter  # models import this module: resolve at call time
+def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True, source: str = 'state dict',
+              new_classifier: bool = False) -> LoadResult:
+    """Map a state dict onto the model's own layout with its family's adapter, then load it."""
+    from ..models._registry import get_checkpoint_adapter  # models import this module: resolve at call time
 
-    state_dict = extract_state_dict(obj, use_ema=use_ema, source=source)
-    filter_fn = get_checkpoint_filter(model)
-    if filter_fn is not None:
-        state_dict = filter_fn(state_dict, model)
+    adapter = get_checkpoint_adapter(model)
+    if adapter is not None:
+        state_dict = adapter.filter_fn(state_dict, model)
     return load_state_dict(model, state_dict, strict=strict, source=source, new_classifier=new_classifier)

@@ -92,3 +92,55 @@ def read_paddle_pickle(path: str | Path) -> Any:
         if isinstance(obj.get('state_dict'), dict):
             obj['state_dict'].pop(NAME_TABLE_KEY, None)
     return _to_torch(obj)
+
+
+# --- PASSL layout <-> ours -------------------------------------------------------------------------
+
+_BN_RENAMES = (('._mean', '.running_mean'), ('._variance', '.running_var'))
+
+
+def is_paddle_layout(state_dict: dict) -> bool:
+    """Paddle names BatchNorm statistics `_mean`/`_variance`, and PASSL's classifier is `head.fc_cls`."""
+    return any(k.endswith(('._mean', '._variance')) or k.startswith('head.fc_cls.') for k in state_dict)
+
+
+def from_paddle(state_dict: dict) -> dict[str, torch.Tensor]:
+    """A PASSL/Paddle state dict in PyTorch's conventions and our key layout.
+
+    Linear weights are stored [in, out] by Paddle: every 2-D tensor is
+    transposed, which is right for these models because their only 2-D
+    parameters are Linear weights. BatchNorm statistics are renamed; the
+    `backbone.` prefix and the `head.fc_cls` classifier wrapper are removed.
+    """
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith('backbone.'):
+            key = key[len('backbone.'):]
+        if key.startswith('head.fc_cls.'):
+            key = 'head.' + key[len('head.fc_cls.'):]
+        for old, new in _BN_RENAMES:
+            if key.endswith(old):
+                key = key[: -len(old)] + new
+        out[key] = value.t().contiguous() if value.ndim == 2 else value
+    return out
+
+
+def to_paddle(state_dict: dict) -> dict[str, np.ndarray]:
+    """Our state dict in the layout PASSL's `--load` expects: `backbone.*` + `head.fc_cls.*`, NumPy arrays."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith('num_batches_tracked'):  # Paddle's BatchNorm has no such buffer
+            continue
+        for new, old in _BN_RENAMES:
+            if key.endswith(old):
+                key = key[: -len(old)] + new
+        key = 'head.fc_cls.' + key[len('head.'):] if key.startswith('head.') else 'backbone.' + key
+        array = value.detach().cpu()
+        out[key] = (array.t() if array.ndim == 2 else array).contiguous().numpy()
+    return out
+
+
+def write_paddle_pickle(obj: Any, path: str | Path) -> None:
+    """What `paddle.save` writes for a dict of arrays (pickle protocol 4), without needing Paddle."""
+    with open(path, 'wb') as f:
+        pickle.dump(obj, f, protocol=4)

@@ -6,9 +6,9 @@ import logging
 import sys
 
 from ..checkpoints import CheckpointError
-from . import bench, models
+from . import bench, convert, extract_weights, models
 
-COMMANDS = {'models': models, 'bench': bench}
+COMMANDS = {'models': models, 'bench': bench, 'convert': convert, 'extract-weights': extract_weights}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, OSError) as e:
         # bad input: one line, no traceback
         print(f'xcit {args.command}: error: {e}', file=sys.stderr)
         return 2

@@ -7,8 +7,7 @@ from typing import Any
 import torch.nn as nn
 
 from ..checkpoints.hub import cached_download
-from ..checkpoints.io import read_checkpoint
-from ..checkpoints.load import _load
+from ..checkpoints.load import load_into, read_state_dict
 from ._registry import get_model_entry, get_pretrained_cfg
 
 
@@ -45,6 +44,6 @@ def create_model(
         source = cached_download(cfg['url'], f"{cfg['architecture']}.{cfg['tag']}")
     if source is not None:
         new_classifier = num_classes is not None and num_classes != cfg.get('num_classes')
-        _load(model, read_checkpoint(source), strict=True, use_ema=False, source=str(source),
-              new_classifier=new_classifier)
+        state_dict, label = read_state_dict(source)
+        load_into(model, state_dict, strict=True, source=label, new_classifier=new_classifier)
     return model

@@ -1,4 +1,4 @@
-"""Model registry: architecture names, their pretrained weight tags, and per-family checkpoint filters.
+"""Model registry: architecture names, their pretrained weight tags, and each family's checkpoint adapter.
 
 Names follow timm: `<architecture>.<tag>`, where the tag names a weight source
 (`xcit_small_12_p16_224.fb_dist_in1k`). The first tag registered for an
@@ -13,7 +13,27 @@ from typing import Callable, Iterable
 import torch.nn as nn
 
 ModelBuilder = Callable[..., nn.Module]
-CheckpointFilter = Callable[[dict, nn.Module], dict]
+
+
+@dataclass
+class WeightsGuess:
+    """What a state dict's shapes say about the model that wrote it."""
+    architecture: str | None  # a registered name, or None when no registered size fits
+    num_classes: int
+    description: str  # e.g. 'embed_dim 192, depth 12, 4 heads, patch 16, 1000 classes'
+
+
+@dataclass(frozen=True)
+class CheckpointAdapter:
+    """A family's knowledge of foreign checkpoint layouts.
+
+    `filter_fn(state_dict, model)` maps other layouts (timm's, ...) onto ours;
+    `guess_fn(state_dict)` recognises the family's weights (None if they are not);
+    `timm_fn(state_dict)` writes ours in timm's layout, where timm has the family.
+    """
+    filter_fn: Callable[[dict, nn.Module], dict]
+    guess_fn: Callable[[dict], WeightsGuess | None]
+    timm_fn: Callable[[dict], dict] | None = None
 
 
 @dataclass
@@ -26,7 +46,7 @@ class ModelEntry:
 
 _MODELS: dict[str, ModelEntry] = {}
 _ALIASES: dict[str, str] = {}  # deprecated names -> `arch.tag`
-_CHECKPOINT_FILTERS: dict[type, CheckpointFilter] = {}
+_ADAPTERS: dict[type, CheckpointAdapter] = {}
 
 
 def register_model(name: str, builder: ModelBuilder, family: str, cfgs: dict[str, dict]) -> None:
@@ -39,16 +59,24 @@ def register_alias(old_name: str, new_name: str) -> None:
     _ALIASES[old_name] = new_name
 
 
-def register_checkpoint_filter(model_classes: Iterable[type], filter_fn: CheckpointFilter) -> None:
-    """`filter_fn(state_dict, model)` maps foreign key layouts onto the family's own before loading."""
+def register_checkpoint_adapter(model_classes: Iterable[type], adapter: CheckpointAdapter) -> None:
     for cls in model_classes:
-        _CHECKPOINT_FILTERS[cls] = filter_fn
+        _ADAPTERS[cls] = adapter
 
 
-def get_checkpoint_filter(model: nn.Module) -> CheckpointFilter | None:
+def get_checkpoint_adapter(model: nn.Module) -> CheckpointAdapter | None:
     for cls in type(model).__mro__:
-        if cls in _CHECKPOINT_FILTERS:
-            return _CHECKPOINT_FILTERS[cls]
+        if cls in _ADAPTERS:
+            return _ADAPTERS[cls]
+    return None
+
+
+def guess_architecture(state_dict: dict) -> WeightsGuess | None:
+    """Ask every family whether the state dict (in its own layout) is one of its models."""
+    for adapter in dict.fromkeys(_ADAPTERS.values()):
+        guess = adapter.guess_fn(state_dict)
+        if guess is not None:
+            return guess
     return None
 
 

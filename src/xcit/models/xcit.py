@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .layers import DropPath, Mlp, take_indices
-from ._registry import register_alias, register_checkpoint_filter, register_model
+from ._registry import CheckpointAdapter, WeightsGuess, register_alias, register_checkpoint_adapter, register_model
 
 __all__ = ['XCiT', 'XCiTDense', 'checkpoint_filter_fn']
 
@@ -570,7 +570,25 @@ def timm_state_dict(state_dict: dict) -> dict:
     return out
 
 
-register_checkpoint_filter((XCiT, XCiTDense), checkpoint_filter_fn)
+def guess_weights(state_dict: dict) -> WeightsGuess | None:
+    """Which XCiT a state dict (in our layout) belongs to, from its shapes alone; None if it is no XCiT."""
+    probe = state_dict.get('blocks.0.attn.temperature')
+    if probe is None or probe.ndim != 3 or 'blocks.0.local_mp.conv1.weight' not in state_dict:
+        return None
+    heads = probe.shape[0]
+    dim = state_dict['blocks.0.norm1.weight'].shape[0]
+    depth = 1 + max(int(k.split('.')[1]) for k in state_dict if k.startswith('blocks.'))
+    stem_units = sum(1 for k in state_dict if re.fullmatch(r'patch_embed\.proj\.\d+\.0\.weight', k))
+    patch = {4: 16, 3: 8}.get(stem_units)
+    head = state_dict.get('head.weight')
+    num_classes = head.shape[0] if head is not None else 0
+    description = f'embed_dim {dim}, depth {depth}, {heads} heads, patch {patch}, {num_classes} classes'
+    size = next((name for name, (d, n, h, _) in _XCIT_SIZES.items() if (d, n, h) == (dim, depth, heads)), None)
+    architecture = f'xcit_{size}_p{patch}_224' if size and patch else None
+    return WeightsGuess(architecture, num_classes, description)
+
+
+register_checkpoint_adapter((XCiT, XCiTDense), CheckpointAdapter(checkpoint_filter_fn, guess_weights, timm_state_dict))
 
 
 # --- variants -------------------------------------------------------------------------------------

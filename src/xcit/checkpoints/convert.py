@@ -1,0 +1,136 @@
+"""Writing weights in every supported layout, and converting checkpoints between them.
+
+Conversion always goes through a model: the source is loaded strictly into the
+architecture it belongs to, so a converted file is known to be complete and
+correctly shaped before it is written.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .io import CheckpointError, read_checkpoint, sniff_format
+from .load import load_into, read_state_dict
+from .paddle import from_paddle, is_paddle_layout, to_paddle, write_paddle_pickle
+
+FORMATS = ('passl', 'timm', 'official', 'safetensors')
+SAFETENSORS_FORMAT_VERSION = '1'
+_PADDLE_SUFFIXES = ('.pdparams', '.pd')
+
+
+def format_for_path(path: str | os.PathLike, requested: str | None = None) -> str:
+    """The output format: the requested one, else what the file extension says."""
+    suffix = Path(path).suffix.lower()
+    if requested is not None:
+        if requested not in FORMATS:
+            raise ValueError(f"unknown format {requested!r}; choose one of {', '.join(FORMATS)}")
+        if requested == 'passl' and suffix not in _PADDLE_SUFFIXES:
+            raise ValueError(f'PASSL weights are .pdparams files, not {suffix or "extension-less"} ones')
+        if requested != 'passl' and suffix in _PADDLE_SUFFIXES:
+            raise ValueError(f'{path}: a {suffix} file would hold PASSL weights; use --to passl or another name')
+        return requested
+    if suffix in _PADDLE_SUFFIXES:
+        return 'passl'
+    if suffix == '.safetensors':
+        return 'safetensors'
+    if suffix in ('.pth', '.pt', '.bin', '.tar'):
+        return 'official'
+    raise ValueError(f'cannot tell the format from {Path(path).name!r}; pass --to {"|".join(FORMATS)}')
+
+
+@contextmanager
+def atomic_path(path: Path):
+    """A temporary name to write to, renamed to `path` only once writing succeeded."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + '.tmp')
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, fmt: str,
+                    model_name: str | None = None, timm_fn=None) -> None:
+    """Write our state dict as `fmt`.
+
+    - passl: flat `backbone.*` + `head.fc_cls.*` NumPy pickle, what PASSL's `--load` reads;
+    - official: `{'model': state_dict}`, like facebookresearch/xcit's released files;
+    - timm: timm's key layout, flat (`.pth`) or as safetensors when the path ends so;
+    - safetensors: our layout, with the model name and format version in the metadata.
+    """
+    path = Path(path)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == 'timm':
+        if timm_fn is None:
+            raise ValueError(f'timm has no implementation of {model_name or "this model"}: no timm layout to write')
+        state_dict = timm_fn(state_dict)
+    with atomic_path(path) as tmp:
+        if fmt == 'passl':
+            write_paddle_pickle(to_paddle(state_dict), tmp)
+        elif fmt == 'official':
+            torch.save({'model': state_dict}, tmp)
+        elif fmt == 'safetensors' or path.suffix.lower() == '.safetensors':
+            from safetensors.torch import save_file
+            metadata = dict(format='xcit', format_version=SAFETENSORS_FORMAT_VERSION,
+                            layout='timm' if fmt == 'timm' else 'xcit', model=model_name or '')
+            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
+        else:
+            torch.save(state_dict, tmp)
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, model_name: str | None = None,
+                       to: str | None = None, use_ema: bool = False) -> tuple[str, str]:
+    """Convert `src` (any readable format) to `dst`; returns (model name, written format)."""
+    from ..models import create_model
+    from ..models._registry import get_checkpoint_adapter, guess_architecture
+
+    fmt = format_for_path(dst, to)
+    state_dict, label = read_state_dict(src, use_ema)
+    guess = guess_architecture(state_dict)
+    if model_name is None:
+        if guess is None or guess.architecture is None:
+            found = f' ({guess.description})' if guess else ''
+            raise CheckpointError(f'{label}: cannot tell which model these weights belong to{found}; pass --model NAME')
+        model_name = guess.architecture
+    model = create_model(model_name, num_classes=guess.num_classes if guess else None)
+    load_into(model, state_dict, strict=True, source=label)
+    adapter = get_checkpoint_adapter(model)
+    save_state_dict(model.state_dict(), dst, fmt, model_name=model_name, timm_fn=adapter and adapter.timm_fn)
+    return model_name, fmt
+
+
+def extract_weights(src: str | os.PathLike, output: str | os.PathLike, prefix: str = 'backbone',
+                    remove_prefix: bool = False) -> int:
+    """PASSL's `extract_weight.py`: keep the entries whose name starts with `prefix`, optionally without it.
+
+    Typical use: the student of a distillation checkpoint (`--prefix Student --remove-prefix`).
+    A `.pdparams`/`.pd` output is in PASSL's layout, anything else in ours. Returns the entry count.
+    """
+    obj = read_checkpoint(src)
+    if not isinstance(obj, dict):
+        raise CheckpointError(f'{src}: expected a mapping of weights, found {type(obj).__name__}')
+    obj = next((obj[k] for k in ('state_dict', 'model') if isinstance(obj.get(k), dict)), obj)
+    selected = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor) and k.startswith(prefix)}
+    if not selected:
+        heads = sorted({k.split('.')[0] for k in obj})
+        raise CheckpointError(
+            f"{src}: no entry starts with {prefix!r}; the entries start with: {', '.join(heads[:10])}")
+    if remove_prefix:
+        selected = {k[len(prefix) + 1:]: v for k, v in selected.items()}
+    from_passl = sniff_format(src) == 'pickle' or is_paddle_layout(selected)
+    output = Path(output)
+    suffix = output.suffix.lower()
+    if suffix in _PADDLE_SUFFIXES and from_passl:
+        with atomic_path(output) as tmp:  # already PASSL's layout: written exactly as selected
+            write_paddle_pickle({k: v.numpy() for k, v in selected.items()}, tmp)
+    elif suffix in _PADDLE_SUFFIXES:
+        save_state_dict(selected, output, 'passl')
+    else:
+        ours = from_paddle(selected) if from_passl else selected
+        save_state_dict(ours, output, 'safetensors' if suffix == '.safetensors' else 'official')
+    return len(selected)

@@ -1,0 +1,27 @@
+"""`xcit convert SRC DST`: rewrite weights in another layout (PASSL, timm, official, safetensors).
+
+The weights are loaded strictly into their model first, so what is written is
+known to be complete. The model is recognised from the shapes unless --model names it.
+"""
+from __future__ import annotations
+
+import argparse
+
+from ..checkpoints.convert import FORMATS, convert_checkpoint
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser('convert', help='convert a checkpoint to another format', description=__doc__)
+    p.add_argument('src', help='checkpoint to read (.pth, .pdparams, .pd, .safetensors, ...)')
+    p.add_argument('dst', help='file to write; its extension picks the format unless --to is given')
+    p.add_argument('--model', help='architecture the weights belong to (default: recognised from their shapes)')
+    p.add_argument('--to', choices=FORMATS, help='output format (default: from DST: .pdparams -> passl, '
+                                                 '.safetensors -> safetensors, .pth -> official)')
+    p.add_argument('--use-ema', action='store_true', help='take the EMA weights of a training checkpoint')
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model_name, fmt = convert_checkpoint(args.src, args.dst, model_name=args.model, to=args.to, use_ema=args.use_ema)
+    print(f'{args.src} -> {args.dst} ({model_name}, {fmt} format)')
+    return 0
