@@ -125,3 +125,12 @@ def test_perturbed_model_survives_passl_export(tmp_path):
     x = torch.randn(1, 3, 48, 40)
     with torch.no_grad():
         assert torch.equal(model(x), again(x))
+
+
+def test_pretrained_passl_tag_downloads_and_converts(fixtures_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path))
+    name = 'xcit_nano_12_p16_224'
+    url = (fixtures_dir / f'passl_{name}.pdparams').resolve().as_uri()
+    model = xcit.create_model(f'{name}.passl_in1k', pretrained=True, pretrained_cfg_overlay=dict(url=url))
+    assert model.pretrained_cfg['tag'] == 'passl_in1k'
+    assert _logits_error(model, fixtures_dir, name) < 1e-4
