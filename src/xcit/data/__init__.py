@@ -1,0 +1,96 @@
+"""Datasets, transforms and loaders built from a run configuration."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import ConfigError, Config
+from .datasets import DigitsSource, SampleSource, TransformedDataset, collate, image_folder, label_list
+from .samplers import ShardSampler, TrainSampler
+
+__all__ = ['DataBundle', 'build_data', 'build_eval_transform', 'build_mixup', 'build_source', 'build_train_transform']
+
+
+def build_source(config: Config, split: str) -> SampleSource:
+    data = config.data
+    name = data.train_split if split == 'train' else data.val_split
+    if data.dataset == 'digits':
+        return DigitsSource(split, size=data.digits_size)
+    if data.dataset == 'imagefolder':
+        from pathlib import Path
+        return image_folder(Path(data.root) / name)
+    return label_list(data.root, name)
+
+
+def _input_spec(config: Config, model_cfg: dict) -> dict:
+    """Size, interpolation, crop and normalisation: the config's, else the model's pretrained cfg."""
+    data = config.data
+    return dict(
+        size=data.image_size or model_cfg.get('input_size', (3, 224, 224))[-1],
+        interpolation=data.interpolation or model_cfg.get('interpolation', 'bicubic'),
+        crop_pct=data.crop_pct or model_cfg.get('crop_pct', 1.0),
+        mean=tuple(data.mean or model_cfg.get('mean', (0.485, 0.456, 0.406))),
+        std=tuple(data.std or model_cfg.get('std', (0.229, 0.224, 0.225))),
+    )
+
+
+def build_train_transform(config: Config, model_cfg: dict):
+    from timm.data import create_transform
+    spec, aug = _input_spec(config, model_cfg), config.augment
+    return create_transform(
+        spec['size'], is_training=True, scale=aug.scale, ratio=aug.ratio, hflip=aug.hflip,
+        color_jitter=aug.color_jitter or 0.0, auto_augment=aug.auto_augment, interpolation=spec['interpolation'],
+        mean=spec['mean'], std=spec['std'], re_prob=aug.reprob, re_mode=aug.remode, re_count=aug.recount)
+
+
+def build_eval_transform(config: Config, model_cfg: dict):
+    """Resize the short side to size / crop_pct, then center-crop `size` (crop_pct 1.0: no border lost)."""
+    from timm.data import create_transform
+    spec = _input_spec(config, model_cfg)
+    return create_transform(spec['size'], is_training=False, interpolation=spec['interpolation'],
+                            crop_pct=spec['crop_pct'], mean=spec['mean'], std=spec['std'])
+
+
+def build_mixup(config: Config, num_classes: int):
+    """timm's Mixup/CutMix (with label smoothing folded into its targets), or None when both are off."""
+    aug = config.augment
+    if aug.mixup <= 0 and aug.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+    return Mixup(mixup_alpha=aug.mixup, cutmix_alpha=aug.cutmix, prob=aug.mixup_prob, switch_prob=aug.mixup_switch_prob,
+                 mode=aug.mixup_mode, label_smoothing=aug.smoothing, num_classes=num_classes)
+
+
+@dataclass
+class DataBundle:
+    train: DataLoader | None
+    val: DataLoader
+    train_sampler: TrainSampler | None
+    classes: list[str]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.train_sampler.set_epoch(epoch)
+        self.train.dataset.set_epoch(epoch)
+
+
+def build_data(config: Config, model_cfg: dict, train_source: SampleSource | None, val_source: SampleSource,
+               rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataBundle:
+    """Loaders for training (sharded, shuffled, resumable; none without a source) and evaluation (sharded, exact)."""
+    data = config.data
+    common = dict(num_workers=data.num_workers, collate_fn=collate, pin_memory=pin_memory)
+    val_set = TransformedDataset(val_source, build_eval_transform(config, model_cfg), training=False,
+                                 on_corrupt=data.on_corrupt, seed=config.seed)
+    val = DataLoader(val_set, batch_size=data.eval_batch_size or data.batch_size,
+                     sampler=ShardSampler(len(val_set), world_size, rank), **common)
+    if train_source is None:
+        return DataBundle(None, val, None, val_source.classes)
+    if len(train_source) < data.batch_size * world_size:
+        raise ConfigError(f'the training set has {len(train_source)} images, fewer than one global batch '
+                          f'({data.batch_size} x {world_size} processes)')
+    train_set = TransformedDataset(train_source, build_train_transform(config, model_cfg), training=True,
+                                   on_corrupt=data.on_corrupt, seed=config.seed)
+    sampler = TrainSampler(len(train_set), world_size, rank, seed=config.seed, repeats=config.augment.repeated_aug)
+    train = DataLoader(train_set, batch_size=data.batch_size, sampler=sampler, drop_last=True, **common)
+    return DataBundle(train, val, sampler, train_source.classes)

@@ -1,0 +1,193 @@
+"""Image datasets: folders, PaddleClas/PASSL label lists, and a built-in digits set needing no download.
+
+Every dataset lists (path or image, label) samples without opening the images;
+`SampleSource.load(i)` reads one. Reading happens in `TransformedDataset`,
+which decides what an unreadable image costs: the run (`error`) or just that
+image (`skip`, counted and reported).
+"""
+from __future__ import annotations
+
+import os
+import random
+import zlib
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..config import ConfigError
+
+# what PIL raises for truncated, corrupt or non-image files
+IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
+
+
+class SampleSource:
+    """Labelled images, listed up front and read one at a time."""
+
+    classes: list[str]
+    targets: list[int]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def load(self, index: int) -> Image.Image:
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        """Where a sample comes from, for error reports."""
+        return f'sample {index}'
+
+
+class FileSource(SampleSource):
+    def __init__(self, samples: Sequence[tuple[str, int]], classes: list[str]):
+        self.paths = [p for p, _ in samples]
+        self.targets = [t for _, t in samples]
+        self.classes = classes
+
+    def load(self, index: int) -> Image.Image:
+        with Image.open(self.paths[index]) as img:
+            return img.convert('RGB')
+
+    def describe(self, index: int) -> str:
+        return self.paths[index]
+
+
+def image_folder(root: str | os.PathLike) -> FileSource:
+    """`root/<class name>/<image>`: class indices in sorted folder order, as torchvision and timm do."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f'image folder not found: {root}')
+    try:
+        classes, class_to_idx = find_classes(str(root))
+        samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
+    except FileNotFoundError as e:
+        raise ConfigError(f'{root}: {e}') from None
+    return FileSource(samples, classes)
+
+
+def label_list(root: str | os.PathLike, list_file: str | os.PathLike) -> FileSource:
+    """PaddleClas/PASSL label files: `relative/path label` per line.
+
+    The label is split off at the last whitespace, so paths may contain spaces;
+    blank lines and `#` comments are skipped. Files are not stat-ed up front
+    (an ImageNet list has 1.28 M lines); a missing one is an unreadable image.
+    """
+    root, list_file = Path(root), Path(list_file)
+    if not list_file.is_absolute() and not list_file.exists():
+        list_file = root / list_file
+    if not list_file.is_file():
+        raise ConfigError(f'label list not found: {list_file}')
+    if not root.is_dir():
+        raise ConfigError(f'image root not found: {root}')
+    samples = []
+    for number, line in enumerate(list_file.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith('#'):
+            continue
+        parts = line.rsplit(None, 1)
+        if len(parts) != 2 or not parts[1].lstrip('-').isdigit():
+            raise ConfigError(f'{list_file}:{number}: expected "<relative/path> <integer label>", got {line!r}')
+        samples.append((str(root / parts[0]), int(parts[1])))
+    if not samples:
+        raise ConfigError(f'{list_file}: no samples listed')
+    num_classes = max(t for _, t in samples) + 1
+    return FileSource(samples, [str(i) for i in range(num_classes)])
+
+
+class DigitsSource(SampleSource):
+    """scikit-learn's bundled 8x8 handwritten digits, upsampled to RGB images (nothing is downloaded).
+
+    The 1,797 images are split once, stratified and seeded, into 1,438 training
+    and 359 validation images (20 % of each class), so every run sees the same split.
+    """
+
+    def __init__(self, split: str, size: int = 32):
+        from sklearn.datasets import load_digits
+        digits = load_digits()
+        rng = np.random.default_rng(0)
+        val_mask = np.zeros(len(digits.target), dtype=bool)
+        for label in range(10):  # 20 % of each class to validation
+            members = np.flatnonzero(digits.target == label)
+            val_mask[rng.choice(members, size=round(0.2 * len(members)), replace=False)] = True
+        if split not in ('train', 'val'):
+            raise ConfigError(f"digits has splits 'train' and 'val', not {split!r}")
+        keep = ~val_mask if split == 'train' else val_mask
+        pixels = (digits.images[keep] * (255 / 16)).round().astype(np.uint8)  # values 0..16 -> 0..255
+        self.images = [Image.fromarray(p).resize((size, size), Image.BICUBIC).convert('RGB') for p in pixels]
+        self.targets = digits.target[keep].tolist()
+        self.classes = [str(i) for i in range(10)]
+
+    def load(self, index: int) -> Image.Image:
+        return self.images[index]
+
+
+class UnreadableImageError(RuntimeError):
+    """An image that cannot be decoded, with `on_corrupt: error`."""
+
+
+def sample_seed(*parts: int) -> int:
+    """A stable 32-bit seed from integers (Python's hash() of ints is not mixed enough)."""
+    return zlib.crc32(np.asarray(parts, dtype=np.int64).tobytes())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class TransformedDataset(torch.utils.data.Dataset):
+    """Reads and transforms one sample; its randomness depends only on (seed, epoch, index).
+
+    That makes augmentation independent of worker count, rank and order, so a
+    run resumed mid-epoch, or split across processes, sees the same images.
+    An unreadable image either stops the run (`on_corrupt='error'`) or is
+    skipped: in training the next readable sample takes its place (batches keep
+    their size), in evaluation it is left out (nothing is counted twice).
+    """
+
+    def __init__(self, source: SampleSource, transform: Callable, training: bool, on_corrupt: str = 'skip',
+                 seed: int = 0):
+        self.source = source
+        self.transform = transform
+        self.training = training
+        self.on_corrupt = on_corrupt
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        skipped = []
+        for attempt in range(len(self.source)):
+            i = (index + attempt) % len(self.source)
+            try:
+                image = self.source.load(i)
+            except IMAGE_ERRORS as e:
+                if self.on_corrupt == 'error':
+                    raise UnreadableImageError(f'unreadable image {self.source.describe(i)}: {e}') from None
+                skipped.append(self.source.describe(i))
+                if not self.training:
+                    return None, self.source.targets[i], skipped
+                continue
+            seed_everything(sample_seed(self.seed, self.epoch, index))
+            return self.transform(image), self.source.targets[i], skipped
+        raise RuntimeError('no readable image in the dataset')
+
+
+def collate(batch):
+    """Stack the readable samples; report the unreadable ones alongside."""
+    skipped = [path for _, _, paths in batch for path in paths]
+    kept = [(image, target) for image, target, _ in batch if image is not None]
+    if not kept:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    images = torch.stack([image for image, _ in kept])
+    targets = torch.tensor([target for _, target in kept], dtype=torch.long)
+    return images, targets, skipped
