@@ -1,11 +1,13 @@
 """Model families and the registry that names them."""
-from . import xcit  # registers the XCiT variants
+from . import cvt, fcvit, xcit  # register their variants
 from ._factory import create_model
 from ._registry import get_pretrained_cfg, is_model, list_models, split_model_name
+from .cvt import CvT, CvTFeatures, cvt_from_spec
+from .fcvit import FCViT, FCViTFeatures
 from .sync_bn import convert_sync_batchnorm
 from .xcit import XCiT, XCiTDense
 
 __all__ = [
-    'XCiT', 'XCiTDense', 'convert_sync_batchnorm', 'create_model', 'get_pretrained_cfg', 'is_model',
-    'list_models', 'split_model_name',
+    'CvT', 'CvTFeatures', 'FCViT', 'FCViTFeatures', 'XCiT', 'XCiTDense', 'convert_sync_batchnorm', 'create_model',
+    'cvt_from_spec', 'get_pretrained_cfg', 'is_model', 'list_models', 'split_model_name',
 ]
