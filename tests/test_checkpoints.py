@@ -179,3 +179,18 @@ def test_offline_download_names_the_url_and_the_local_alternative(tmp_path, monk
     message = str(err.value)
     assert url in message and "checkpoint_path='/path/to/xcit_nano_12_p16_224.pth'" in message
     assert not (Path(torch.hub.get_dir()) / 'checkpoints' / 'xcit_nano_12_p16_224.pth').exists()
+
+
+def test_generic_file_names_are_cached_per_model(tmp_path, trained, monkeypatch):
+    """Two weight tags served as `pytorch_model.bin` must not share one cache file."""
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'hub'))
+    for tag, scale in (('fb_in1k', 1.0), ('fb_dist_in1k', 2.0)):
+        folder = tmp_path / tag
+        folder.mkdir()
+        torch.save({k: v * scale if v.is_floating_point() else v for k, v in trained.state_dict().items()},
+                   folder / 'pytorch_model.bin')
+    first = xcit.create_model(f'{NAME}.fb_in1k', pretrained=True,
+                              pretrained_cfg_overlay=dict(url=(tmp_path / 'fb_in1k' / 'pytorch_model.bin').as_uri()))
+    second = xcit.create_model(f'{NAME}.fb_dist_in1k', pretrained=True,
+                               pretrained_cfg_overlay=dict(url=(tmp_path / 'fb_dist_in1k' / 'pytorch_model.bin').as_uri()))
+    assert torch.equal(second.norm.weight, 2 * first.norm.weight)

@@ -9,10 +9,16 @@ from xcit.cli.main import main
 def test_models_table(capsys):
     assert main(['models', 'xcit_nano*']) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[:2] == ['model', 'patch']
+    assert out[0].split()[:3] == ['model', 'family', 'params']
     rows = {line.split()[0]: line.split() for line in out[1:]}
     assert set(rows) == {'xcit_nano_12_p16_224', 'xcit_nano_12_p16_384', 'xcit_nano_12_p8_224', 'xcit_nano_12_p8_384'}
-    assert rows['xcit_nano_12_p8_224'][5] == '3.05'
+    assert rows['xcit_nano_12_p8_224'][1:4] == ['xcit', '3.05', '224']
+
+
+def test_models_table_lists_every_family(capsys):
+    assert main(['models']) == 0
+    families = {line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]}
+    assert families == {'xcit', 'cvt', 'fcvit'}
 
 
 def test_models_pretrained_lists_urls(capsys):

@@ -1,11 +1,11 @@
 """xcit: cross-covariance image transformers for PyTorch."""
 from .checkpoints import CheckpointError, load_checkpoint, read_checkpoint
-from .models import (XCiT, XCiTDense, convert_sync_batchnorm, create_model, get_pretrained_cfg, is_model,
-                     list_models)
+from .models import (CvT, FCViT, XCiT, XCiTDense, convert_sync_batchnorm, create_model, get_pretrained_cfg,
+                     is_model, list_models)
 
 __version__ = '0.1.0'
 
 __all__ = [
-    'CheckpointError', 'XCiT', 'XCiTDense', 'convert_sync_batchnorm', 'create_model', 'get_pretrained_cfg',
+    'CheckpointError', 'CvT', 'FCViT', 'XCiT', 'XCiTDense', 'convert_sync_batchnorm', 'create_model', 'get_pretrained_cfg',
     'is_model', 'list_models', 'load_checkpoint', 'read_checkpoint',
 ]

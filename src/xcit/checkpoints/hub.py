@@ -16,8 +16,14 @@ class PretrainedUnavailableError(CheckpointError):
 
 
 def cached_download(url: str, model_name: str, progress: bool = True) -> Path:
-    """Path of the file behind `url` in `<torch hub dir>/checkpoints/`, downloading it the first time."""
+    """Path of the file behind `url` in `<torch hub dir>/checkpoints/`, downloading it the first time.
+
+    `model_name` is `arch.tag`; files whose name does not say which model they hold are cached under it.
+    """
     filename = os.path.basename(urlparse(url).path)
+    if model_name.partition('.')[0] not in filename:
+        # generic names (a hub's pytorch_model.bin) would make two models share one cache file
+        filename = f'{model_name}-{filename}'
     cache_dir = Path(torch.hub.get_dir()) / 'checkpoints'
     target = cache_dir / filename
     if target.is_file():

@@ -16,16 +16,10 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def model_summary(name: str) -> dict:
-    """Shape and parameter count of a model, built on the meta device (no memory, no init cost)."""
+def parameter_count(name: str) -> int:
+    """Counted on the meta device: no memory, no initialisation cost."""
     with torch.device('meta'):
-        model = create_model(name)
-    cfg = get_pretrained_cfg(name)
-    return dict(
-        name=name, patch=getattr(model, 'patch_size', None), dim=getattr(model, 'embed_dim', None),
-        depth=len(getattr(model, 'blocks', ())), heads=model.blocks[0].attn.num_heads if hasattr(model, 'blocks') else None,
-        params_m=sum(p.numel() for p in model.parameters()) / 1e6, input_size=cfg['input_size'][-1],
-        url=cfg.get('url', ''))
+        return sum(p.numel() for p in create_model(name).parameters())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,9 +32,9 @@ def run(args: argparse.Namespace) -> int:
             cfg = get_pretrained_cfg(name)
             print(f"{name:<42} {cfg['input_size'][-1]:>5}  {cfg['url']}")
         return 0
-    print(f"{'model':<24} {'patch':>5} {'dim':>5} {'depth':>5} {'heads':>5} {'params (M)':>10}  weights")
+    print(f"{'model':<24} {'family':<7} {'params (M)':>10} {'input':>5}  weights")
     for name in names:
-        s = model_summary(name)
-        tags = ', '.join(get_model_entry(name).cfgs)
-        print(f"{name:<24} {s['patch']:>5} {s['dim']:>5} {s['depth']:>5} {s['heads']:>5} {s['params_m']:>10.2f}  {tags}")
+        entry = get_model_entry(name)
+        size = get_pretrained_cfg(name)['input_size'][-1]
+        print(f"{name:<24} {entry.family:<7} {parameter_count(name) / 1e6:>10.2f} {size:>5}  {', '.join(entry.cfgs)}")
     return 0

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ._base import ClassifierMixin, check_output_fmt
 from .layers import DropPath, Mlp, take_indices
 from ._registry import CheckpointAdapter, WeightsGuess, register_alias, register_checkpoint_adapter, register_model
 
@@ -339,7 +340,7 @@ class _XCiTTrunk(nn.Module):
         return set()
 
 
-class XCiT(_XCiTTrunk):
+class XCiT(ClassifierMixin, _XCiTTrunk):
     """XCiT image classifier.
 
     The class token joins only after the XCA blocks (as in CaiT) and is refined by
@@ -364,11 +365,9 @@ class XCiT(_XCiTTrunk):
         act_layer, norm_layer, eta (LayerScale init), use_pos_embed.
         """
         super().__init__(**trunk_kwargs)
-        if global_pool not in ('token', 'avg', ''):
-            raise ValueError(f"global_pool must be 'token', 'avg' or '', not {global_pool!r}")
         embed_dim = self.embed_dim
         self.num_classes = num_classes
-        self.global_pool = global_pool
+        self.global_pool = self._check_pool(global_pool)
         self.img_size = img_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.cls_attn_blocks = nn.ModuleList([
@@ -377,7 +376,7 @@ class XCiT(_XCiTTrunk):
             for _ in range(cls_attn_layers)])
         self.norm = self.layer_kwargs['norm_layer'](embed_dim)
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = self._new_head(num_classes)
         self.feature_info = [dict(num_chs=embed_dim, reduction=self.patch_size, module=f'blocks.{i}')
                              for i in range(len(self.blocks))]
 
@@ -397,21 +396,6 @@ class XCiT(_XCiTTrunk):
             blocks=r'^blocks\.(\d+)' if coarse else [(r'^blocks\.(\d+)', None)],
             cls_attn_blocks=[(r'^cls_attn_blocks\.(\d+)', None), (r'^norm', (99999,))],
         )
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ('token', 'avg', ''):
-                raise ValueError(f"global_pool must be 'token', 'avg' or '', not {global_pool!r}")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        device = self.cls_token.device
-        self.head = nn.Linear(self.embed_dim, num_classes, device=device) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            _init_weights(self.head)
 
     def forward_cls(self, x: torch.Tensor) -> torch.Tensor:
         """Prepend the class token to the patch tokens and run the class-attention blocks."""
@@ -434,9 +418,6 @@ class XCiT(_XCiTTrunk):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
     def forward_intermediates(
             self,
             x: torch.Tensor,
@@ -452,8 +433,7 @@ class XCiT(_XCiTTrunk):
         `norm` passes them through the final norm; unless `intermediates_only`,
         the final normalised tokens (B, 1+N, D) come first in the returned pair.
         """
-        if output_fmt not in ('NCHW', 'NLC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', not {output_fmt!r}")
+        check_output_fmt(output_fmt)
         take = take_indices(len(self.blocks), indices)
         last = take[-1] if (stop_early or intermediates_only) else len(self.blocks) - 1
         B = x.shape[0]
