@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Re-install when the package metadata changes; the stamp is how make knows.
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo bench clean
 
 setup: $(STAMP)
 
@@ -18,7 +18,9 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/xcit models 'xcit_*'
+	$(BIN)/xcit train -c configs/demo/digits_xcit.yaml
+
+bench: $(STAMP)
 	$(BIN)/xcit bench --model xcit_nano_12_p16_224,xcit_small_12_p16_224 --resolutions 224,512,1024
 
 clean:

@@ -56,3 +56,26 @@ def run_cli(*args, timeout: int = 300) -> subprocess.CompletedProcess:
     """`xcit ARGS...` in a fresh interpreter, as a user runs it."""
     return subprocess.run([sys.executable, '-m', 'xcit.cli.main', *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
+
+
+def tiny_run_config(tmp_path: Path, **overrides) -> Path:
+    """A training config that runs in seconds: a 2-block XCiT-nano on 16-pixel digits."""
+    import yaml
+    config = {
+        'experiment': 'tiny', 'output_dir': str(tmp_path / 'runs'),
+        'model': {'name': 'xcit_nano_12_p8_224', 'kwargs': {'depth': 2}},
+        'data': {'dataset': 'digits', 'digits_size': 16, 'image_size': 16, 'batch_size': 32, 'num_workers': 0},
+        'augment': {'scale': [0.6, 1.0], 'hflip': 0.0},
+        'optim': {'lr': 2e-3},
+        'schedule': {'epochs': 2, 'warmup_epochs': 0.2},
+        'train': {'progress': False, 'keep_last': 1},
+    }
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split('.')
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    path = tmp_path / 'tiny.yaml'
+    path.write_text(yaml.safe_dump(config))
+    return path

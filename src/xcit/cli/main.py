@@ -6,9 +6,12 @@ import logging
 import sys
 
 from ..checkpoints import CheckpointError
-from . import bench, convert, extract_weights, models
+from ..data.datasets import UnreadableImageError
+from ..engine.trainer import TrainingDiverged
+from . import bench, convert, extract_weights, models, predict, train
 
-COMMANDS = {'models': models, 'bench': bench, 'convert': convert, 'extract-weights': extract_weights}
+COMMANDS = {'train': train, 'predict': predict, 'models': models, 'convert': convert,
+            'extract-weights': extract_weights, 'bench': bench}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         # bad input: one line, no traceback
         print(f'xcit {args.command}: error: {e}', file=sys.stderr)
         return 2
+    except (TrainingDiverged, UnreadableImageError) as e:
+        # raised in a data-loader worker, the message ends with the original error's line
+        print(f'xcit {args.command}: error: {str(e).strip().splitlines()[-1]}', file=sys.stderr)
+        return 1
 
 
 if __name__ == '__main__':

@@ -31,6 +31,7 @@ def _input_spec(config: Config, model_cfg: dict) -> dict:
         size=data.image_size or model_cfg.get('input_size', (3, 224, 224))[-1],
         interpolation=data.interpolation or model_cfg.get('interpolation', 'bicubic'),
         crop_pct=data.crop_pct or model_cfg.get('crop_pct', 1.0),
+        crop_mode=model_cfg.get('crop_mode', 'center'),
         mean=tuple(data.mean or model_cfg.get('mean', (0.485, 0.456, 0.406))),
         std=tuple(data.std or model_cfg.get('std', (0.229, 0.224, 0.225))),
     )
@@ -46,11 +47,14 @@ def build_train_transform(config: Config, model_cfg: dict):
 
 
 def build_eval_transform(config: Config, model_cfg: dict):
-    """Resize the short side to size / crop_pct, then center-crop `size` (crop_pct 1.0: no border lost)."""
+    """Resize the short side to size / crop_pct, then center-crop `size` (crop_pct 1.0: no border lost).
+
+    Models whose cfg says `crop_mode: squash` (CvT at 384) are resized to size x size instead, as evaluated.
+    """
     from timm.data import create_transform
     spec = _input_spec(config, model_cfg)
     return create_transform(spec['size'], is_training=False, interpolation=spec['interpolation'],
-                            crop_pct=spec['crop_pct'], mean=spec['mean'], std=spec['std'])
+                            crop_pct=spec['crop_pct'], crop_mode=spec['crop_mode'], mean=spec['mean'], std=spec['std'])
 
 
 def build_mixup(config: Config, num_classes: int):

@@ -1,0 +1,60 @@
+"""`xcit train -c CONFIG` and `xcit eval -c CONFIG --load WEIGHTS`: PASSL's workflow, timm's recipes.
+
+Several -c files layer left to right (e.g. a model config, then a recipe);
+-o key.path=value overrides any key. Launch with `torchrun --nproc_per_node N`
+to train on N processes.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+from ..config import load_config
+
+_logger = logging.getLogger('xcit.train')
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument('-c', '--config', action='append', required=True, metavar='CONFIG',
+                   help='YAML config; repeat to layer several')
+    p.add_argument('-o', '--override', action='append', default=[], metavar='KEY=VALUE',
+                   help="override a config key, e.g. -o optim.lr=1e-3 -o data.root=/data/imagenet")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser('train', help='train (or distill) a model from a config', description=__doc__)
+    _common(p)
+    p.add_argument('--resume', metavar='CKPT', help='continue a run from its checkpoint (e.g. runs/NAME/last.pth)')
+    p.add_argument('--load', metavar='WEIGHTS', help='start from these weights (any supported format)')
+    p.add_argument('--evaluate-only', action='store_true', help='evaluate --load (or the configured weights) and exit')
+    p.set_defaults(run=run_train)
+
+    e = sub.add_parser('eval', help='evaluate weights on the configured validation set', description=__doc__)
+    _common(e)
+    e.add_argument('--load', metavar='WEIGHTS', required=True, help='weights to evaluate (any supported format)')
+    e.set_defaults(run=run_eval, resume=None, evaluate_only=True)
+
+
+def _report(metrics: dict) -> None:
+    print(f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
+          f"({metrics['count']} images" + (f", {metrics['skipped']} unreadable skipped)" if metrics['skipped'] else ')'))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import os
+
+    from ..engine import run
+    config = load_config(args.config, args.override)
+    result = run(config, resume=args.resume, load=args.load, evaluate_only=args.evaluate_only)
+    if int(os.environ.get('RANK', 0)) != 0:  # under torchrun, one process reports
+        return 0
+    if result.run_dir is not None:
+        print(f'run folder: {result.run_dir}')
+    if result.metrics:
+        print('final evaluation: ', end='')
+        _report(result.metrics)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    return run_train(args)

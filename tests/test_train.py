@@ -1,0 +1,158 @@
+"""End-to-end training runs on the built-in digits data: outputs, exact resume, failures that stop cleanly."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli, tiny_run_config
+from xcit.config import load_config
+from xcit.data.datasets import DigitsSource
+from xcit.engine import run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('finished')
+    config = tiny_run_config(tmp)
+    return config, run(load_config(config))
+
+
+def test_a_run_writes_its_folder_and_learns(finished):
+    _, result = finished
+    names = {p.name for p in result.run_dir.iterdir()}
+    assert {'config.yaml', 'last.pth', 'best.pth', 'epoch_0002.pth', 'summary.csv', 'metrics.jsonl',
+            'curves.png'} <= names
+    assert 'epoch_0001.pth' not in names  # keep_last: 1
+    rows = [json.loads(line) for line in (result.run_dir / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['epoch'] for r in rows] == [0, 1]
+    assert rows[1]['train_loss'] < rows[0]['train_loss']
+    assert result.metrics['top1'] > 60 and result.metrics['count'] == 359  # chance is 10 %
+    header = (result.run_dir / 'summary.csv').read_text().splitlines()[0]
+    assert header.startswith('epoch,lr,train_loss,eval_loss,eval_top1')
+    state = torch.load(result.run_dir / 'last.pth', weights_only=True)
+    assert {'model', 'optimizer', 'scheduler', 'epoch', 'step', 'rng', 'config', 'best_top1'} <= set(state)
+    assert state['epoch'] == 2 and state['batch_in_epoch'] == 0 and state['classes'] == [str(i) for i in range(10)]
+
+
+def test_eval_reports_the_top1_of_the_end_of_training(finished):
+    config, result = finished
+    proc = run_cli('eval', '-c', config, '--load', result.run_dir / 'last.pth')
+    assert proc.returncode == 0, proc.stderr
+    assert f"top-1 {result.metrics['top1']:.2f}%" in proc.stdout
+
+
+def test_predict_names_the_class(finished, tmp_path):
+    _, result = finished
+    digits = DigitsSource('val', size=16)
+    image = tmp_path / 'digit.png'
+    digits.load(0).save(image)
+    proc = run_cli('predict', '--model', 'xcit_nano_12_p8_224', '--checkpoint', result.run_dir / 'last.pth', image,
+                   '--topk', '3')
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip()
+    assert line.startswith(f'{image}: ') and len(line.split(', ')) == 3
+    assert run_cli('predict', '--model', 'xcit_nano_12_p8_224', '--checkpoint', result.run_dir / 'last.pth',
+                   tmp_path / 'missing.png').returncode == 2
+
+
+def _model_state(path):
+    return torch.load(path, weights_only=True)['model']
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path):
+    config = tiny_run_config(tmp_path, **{'schedule.epochs': 3, 'train.checkpoint_interval': 5})
+    reference = run_cli('train', '-c', config, '-o', 'experiment=reference')
+    assert reference.returncode == 0, reference.stderr
+
+    cmd = [sys.executable, '-m', 'xcit.cli.main', 'train', '-c', str(config), '-o', 'experiment=killed']
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / 'runs' / 'killed' / 'last.pth'
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if last.exists():
+                state = torch.load(last, weights_only=True)
+                # early in the second epoch: the end of the epoch (the next unconditional save) is far off
+                if state['epoch'] == 1 and 0 < state['batch_in_epoch'] <= 25:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.02)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed mid-epoch'
+    interrupted = torch.load(last, weights_only=True)
+    assert interrupted['epoch'] == 1 and interrupted['batch_in_epoch'] > 0
+
+    resumed = run_cli('train', '-c', config, '--resume', last)
+    assert resumed.returncode == 0, resumed.stderr
+    expected, actual = _model_state(tmp_path / 'runs' / 'reference' / 'last.pth'), _model_state(last)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    rows = [json.loads(line) for line in (last.parent / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['epoch'] for r in rows] == [0, 1, 2]  # the interrupted epoch is logged once
+
+
+def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    config = tiny_run_config(tmp_path, **{'schedule.epochs': 1})
+    assert run_cli('train', '-c', config).returncode == 0
+    last = tmp_path / 'runs' / 'tiny' / 'last.pth'
+    digest = hashlib.sha256(last.read_bytes()).hexdigest()
+    proc = run_cli('train', '-c', config, '--resume', last, '-o', 'schedule.epochs=2', '-o', 'optim.lr=1e30',
+                   '-o', 'schedule.warmup_epochs=0')
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert 'the loss is nan' in lines[-1] and 'epoch 2' in lines[-1] and f'{last}, is intact' in lines[-1]
+    assert 'Traceback' not in proc.stderr
+    assert hashlib.sha256(last.read_bytes()).hexdigest() == digest
+
+
+def _digit_folder(root, per_class=24):
+    source = DigitsSource('train', size=16)
+    counts = {}
+    for i, target in enumerate(source.targets):
+        if target > 2 or counts.get(target, 0) >= per_class:
+            continue
+        counts[target] = counts.get(target, 0) + 1
+        folder = root / f'class_{target}'
+        folder.mkdir(parents=True, exist_ok=True)
+        source.load(i).save(folder / f'{i}.png')
+    return root
+
+
+def test_corrupt_images_are_skipped_and_reported_or_fatal(tmp_path):
+    data = _digit_folder(tmp_path / 'data' / 'train')
+    _digit_folder(tmp_path / 'data' / 'val', per_class=8)
+    (data / 'class_1' / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n' + os.urandom(64))
+    config = tiny_run_config(tmp_path, **{'data.dataset': 'imagefolder', 'data.root': str(tmp_path / 'data'),
+                                          'data.batch_size': 8, 'schedule.epochs': 1})
+    proc = run_cli('train', '-c', config)
+    assert proc.returncode == 0, proc.stderr
+    assert 'skipped 1 unreadable images' in proc.stderr
+    row = json.loads((tmp_path / 'runs' / 'tiny' / 'metrics.jsonl').read_text().splitlines()[0])
+    assert row['skipped_images'] >= 1
+    strict = run_cli('train', '-c', config, '-o', 'data.on_corrupt=error', '-o', 'experiment=strict')
+    assert strict.returncode == 1 and 'broken.png' in strict.stderr.strip().splitlines()[-1]
+
+
+def test_bad_configs_fail_before_training(tmp_path):
+    config = tiny_run_config(tmp_path)
+    typo = run_cli('train', '-c', config, '-o', 'optim.weight_decy=0.1')
+    assert typo.returncode == 2 and "did you mean 'optim.weight_decay'" in typo.stderr
+    wrong_type = run_cli('train', '-c', config, '-o', 'schedule.epochs=many')
+    assert wrong_type.returncode == 2 and "'schedule.epochs'" in wrong_type.stderr
+    missing = run_cli('train', '-c', config, '-o', 'data.dataset=imagefolder', '-o', f'data.root={tmp_path}/nowhere')
+    assert missing.returncode == 2 and f'{tmp_path}/nowhere/train' in missing.stderr
+    for proc in (typo, wrong_type, missing):
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / 'runs').exists()  # nothing started
