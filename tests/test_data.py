@@ -6,7 +6,7 @@ from PIL import Image
 from xcit.config import ConfigError, load_config
 from xcit.data import build_eval_transform, build_train_transform
 from xcit.data.datasets import (DigitsSource, FileSource, TransformedDataset, UnreadableImageError, collate,
-                                image_folder, label_list)
+                                image_folder, label_list, seed_everything)
 from xcit.data.samplers import ShardSampler, TrainSampler
 
 
@@ -130,3 +130,23 @@ def test_squash_crop_mode_resizes_without_cropping():
     assert transform(Image.new('RGB', (64, 48))).shape == (3, 32, 32)
     resize = transform.transforms[0]
     assert type(resize).__name__ == 'Resize' and tuple(resize.size) == (32, 32)  # both sides: nothing left to crop
+
+
+def test_the_recipes_randaugment_runs_at_every_magnitude(monkeypatch):
+    """rand-m9-mstd0.5-inc1 reaches magnitude 10, where posterize keeps 0 bits; Pillow 13 refuses that."""
+    from PIL import ImageOps
+    bits_seen = []
+    original = ImageOps.posterize
+
+    def recording_posterize(image, bits):
+        bits_seen.append(bits)
+        return original(image, bits)
+
+    monkeypatch.setattr(ImageOps, 'posterize', recording_posterize)
+    config = _tiny_config(**{'data.image_size': 32, 'augment.auto_augment': 'rand-m9-mstd0.5-inc1'})
+    transform = build_train_transform(config, {})
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    for seed in range(3000):
+        seed_everything(seed)
+        assert transform(image).shape == (3, 32, 32)
+    assert 0 in bits_seen  # the case that breaks under Pillow 13 was exercised

@@ -156,3 +156,31 @@ def test_bad_configs_fail_before_training(tmp_path):
     for proc in (typo, wrong_type, missing):
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / 'runs').exists()  # nothing started
+
+
+def test_every_switch_of_the_official_recipe_runs(tmp_path):
+    overrides = ['train.ema=True', 'train.ema_decay=0.9', 'train.amp=bf16', 'train.channels_last=True',
+                 'optim.accum_steps=2', 'optim.clip_grad=1.0', 'optim.scale_lr=True', 'augment.mixup=0.8',
+                 'augment.cutmix=1.0', 'augment.repeated_aug=3', 'model.drop_path_rate=0.1',
+                 'augment.auto_augment=rand-m9-mstd0.5-inc1', 'augment.reprob=0.25', 'optim.no_decay=passl']
+    result = run(load_config(tiny_run_config(tmp_path), overrides))
+    last = result.history[-1]
+    assert last['ema_top1'] is not None and last['train_loss'] < result.history[0]['train_loss']
+    assert result.metrics['top1'] > 20  # learning, despite heavy augmentation on two epochs
+
+
+def test_torch_compile_switch(tmp_path):
+    result = run(load_config(tiny_run_config(tmp_path), ['train.compile=True', 'schedule.epochs=1']))
+    assert result.metrics['top1'] > 30
+    saved = torch.load(result.run_dir / 'last.pth', weights_only=True)['model']
+    assert not any(k.startswith('_orig_mod') for k in saved)  # checkpoints hold the plain model
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+        pytest.skip('tensorboard is installed')
+    except ImportError:
+        pass
+    proc = run_cli('train', '-c', tiny_run_config(tmp_path), '-o', 'train.tensorboard=True')
+    assert proc.returncode == 2 and 'pip install tensorboard' in proc.stderr

@@ -306,7 +306,7 @@ def _progress(loader, epoch: int, epochs: int, enabled: bool):
     if not enabled:
         return loader
     from tqdm import tqdm
-    return tqdm(loader, desc=f'epoch {epoch + 1}/{epochs}', leave=False, dynamic_ncols=True)
+    return tqdm(loader, desc=f'epoch {epoch + 1}/{epochs}', leave=False, dynamic_ncols=True, disable=None)  # off without a terminal
 
 
 def _epoch_line(row: dict, epochs: int) -> str:
