@@ -184,3 +184,12 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path):
         pass
     proc = run_cli('train', '-c', tiny_run_config(tmp_path), '-o', 'train.tensorboard=True')
     assert proc.returncode == 2 and 'pip install tensorboard' in proc.stderr
+
+
+@pytest.mark.parametrize('name,kwargs', [('cvt_13_224', {'depths': [1, 1, 1]}), ('fcvit_tiny', {'depths': [1, 1, 1, 1]})])
+def test_cvt_and_fcvit_train_through_the_same_toolkit(tmp_path, name, kwargs):
+    config = tiny_run_config(tmp_path, **{'model.name': name, 'model.kwargs': kwargs, 'data.digits_size': 32,
+                                          'data.image_size': 32})
+    result = run(load_config(config))
+    assert result.history[-1]['train_loss'] < result.history[0]['train_loss']
+    assert result.metrics['top1'] > 30  # chance is 10 %
