@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .layers import Linear
+
 
 def check_output_fmt(output_fmt: str) -> None:
     if output_fmt not in ('NCHW', 'NLC'):
@@ -28,7 +30,7 @@ class ClassifierMixin:
     def _new_head(self, num_classes: int) -> nn.Module:
         if num_classes <= 0:
             return nn.Identity()
-        head = nn.Linear(self.num_features, num_classes, device=next(self.parameters()).device)
+        head = Linear(self.num_features, num_classes, device=next(self.parameters()).device)
         self._init_head(head)
         return head
 

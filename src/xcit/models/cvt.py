@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ._base import ClassifierMixin, check_output_fmt
-from .layers import DropPath, Mlp, take_indices
+from .layers import DropPath, Linear, Mlp, take_indices
 from ._registry import CheckpointAdapter, WeightsGuess, register_checkpoint_adapter, register_model
 
 __all__ = ['CvT', 'CvTFeatures', 'QuickGELU', 'checkpoint_filter_fn', 'cvt_from_spec']
@@ -110,11 +110,11 @@ class ConvAttention(nn.Module):
         self.conv_proj_q = _conv_projection(dim, kernel_size, padding_q, stride_q, q_method)
         self.conv_proj_k = _conv_projection(dim, kernel_size, padding_kv, stride_kv, method)
         self.conv_proj_v = _conv_projection(dim, kernel_size, padding_kv, stride_kv, method)
-        self.proj_q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.proj_k = nn.Linear(dim, dim, bias=qkv_bias)
-        self.proj_v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj_q = Linear(dim, dim, bias=qkv_bias)
+        self.proj_k = Linear(dim, dim, bias=qkv_bias)
+        self.proj_v = Linear(dim, dim, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ._base import ClassifierMixin, check_output_fmt
-from .layers import DropPath, Mlp, take_indices
+from .layers import DropPath, Linear, Mlp, linear, take_indices
 from ._registry import CheckpointAdapter, WeightsGuess, register_alias, register_checkpoint_adapter, register_model
 
 __all__ = ['XCiT', 'XCiTDense', 'checkpoint_filter_fn']
@@ -100,7 +100,8 @@ class ConvPatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         x = self.proj(x)  # (B, D, Hp, Wp)
         Hp, Wp = x.shape[-2:]
-        return x.flatten(2).transpose(1, 2), (Hp, Wp)  # (B, N, D)
+        # contiguous tokens: otherwise every residual add keeps the conv's layout and every LayerNorm copies
+        return x.flatten(2).transpose(1, 2).contiguous(), (Hp, Wp)  # (B, N, D)
 
 
 def l2_normalize_tokens(t: torch.Tensor) -> torch.Tensor:
@@ -118,6 +119,13 @@ class XCA(nn.Module):
 
     No 1/sqrt(d) scale: queries and keys are unit vectors along the token axis
     and a learned per-head temperature sets the sharpness.
+
+    q, k and v are moved once to channel-major (B, h, d, N), where each head's
+    tokens are contiguous rows, so the norms and both matmuls read memory in
+    order. In float32 the logits of raw q, k are divided by the norms instead of
+    normalising q and k (the same value, two passes fewer); in lower precision
+    q and k are normalised first, in float32, so q @ k^T stays in range.
+    `xca_reference` keeps the official formulation.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
@@ -125,26 +133,42 @@ class XCA(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def attention_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The (B, h, d, d) channel attention and the values (B, h, d, N) it mixes."""
         B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 4, 1)
-        q, k, v = qkv.unbind(0)  # each (B, h, d, N)
-        q, k = l2_normalize_tokens(q), l2_normalize_tokens(k)
-        attn = (q @ k.transpose(-2, -1)) * self.temperature  # (B, h, d, d)
+        qkv = self.qkv(x).transpose(1, 2).reshape(B, 3, self.num_heads, C // self.num_heads, N)
+        q, k, v = qkv.unbind(1)  # each (B, h, d, N), contiguous along N
+        if q.dtype == torch.float32 and not torch.is_autocast_enabled(q.device.type):
+            # sqrt of a plain sum of squares: the same norm as vector_norm, which is ~10x slower here
+            norm_q = (q * q).sum(dim=-1, keepdim=True).sqrt().clamp_min(1e-12)  # (B, h, d, 1)
+            norm_k = (k * k).sum(dim=-1, keepdim=True).sqrt().clamp_min(1e-12)
+            attn = (q @ k.transpose(-2, -1)) * (self.temperature / (norm_q * norm_k.transpose(-2, -1)))
+        else:
+            q, k = l2_normalize_tokens(q), l2_normalize_tokens(k)
+            attn = (q @ k.transpose(-2, -1)) * self.temperature  # (B, h, d, d)
         return attn.softmax(dim=-1), v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         attn, v = self.attention_map(x)
-        x = self.attn_drop(attn) @ v  # (B, h, d, N)
-        x = x.permute(0, 3, 1, 2).reshape(B, N, C)  # (B, N, h*d)
+        x = (self.attn_drop(attn) @ v).reshape(B, C, N).transpose(1, 2).contiguous()  # (B, N, C)
         return self.proj_drop(self.proj(x))
+
+
+def xca_reference(xca: XCA, x: torch.Tensor) -> torch.Tensor:
+    """The official XCA maths, token-major, for checking the fast path against."""
+    B, N, C = x.shape
+    qkv = xca.qkv(x).reshape(B, N, 3, xca.num_heads, C // xca.num_heads).permute(2, 0, 3, 4, 1)
+    q, k, v = qkv.unbind(0)  # each (B, h, d, N)
+    q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    attn = ((q @ k.transpose(-2, -1)) * xca.temperature).softmax(dim=-1)
+    x = (xca.attn_drop(attn) @ v).permute(0, 3, 1, 2).reshape(B, N, C)
+    return xca.proj_drop(xca.proj(x))
 
 
 class LPI(nn.Module):
@@ -190,10 +214,15 @@ class XCABlock(nn.Module):
         self.gamma3 = nn.Parameter(eta * torch.ones(dim))
         self.gamma2 = nn.Parameter(eta * torch.ones(dim))
 
+    def _residual(self, x: torch.Tensor, gamma: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        if self.training and self.drop_path.drop_prob > 0:
+            return x + self.drop_path(gamma * branch)
+        return torch.addcmul(x, gamma, branch)  # x + gamma * branch in one pass
+
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))  # (B, N, D)
-        x = x + self.drop_path(self.gamma3 * self.local_mp(self.norm3(x), H, W))
-        x = x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x)))
+        x = self._residual(x, self.gamma1, self.attn(self.norm1(x)))  # (B, N, D)
+        x = self._residual(x, self.gamma3, self.local_mp(self.norm3(x), H, W))
+        x = self._residual(x, self.gamma2, self.mlp(self.norm2(x)))
         return x
 
 
@@ -209,9 +238,9 @@ class ClassAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def attention_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,8 +249,8 @@ class ClassAttention(nn.Module):
         h = self.num_heads
         w_q, w_kv = self.qkv.weight.split((C, 2 * C))
         b_q, b_kv = self.qkv.bias.split((C, 2 * C)) if self.qkv.bias is not None else (None, None)
-        q = F.linear(x[:, :1], w_q, b_q).reshape(B, 1, h, C // h).transpose(1, 2)  # (B, h, 1, d)
-        k, v = F.linear(x, w_kv, b_kv).reshape(B, N, 2, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d)
+        q = linear(x[:, :1], w_q, b_q).reshape(B, 1, h, C // h).transpose(1, 2)  # (B, h, 1, d)
+        k, v = linear(x, w_kv, b_kv).reshape(B, N, 2, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d)
         attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, 1, N)
         return attn.softmax(dim=-1), v
 

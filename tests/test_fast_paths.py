@@ -1,0 +1,103 @@
+"""Every fast path against the reference maths it replaces: equal within 1e-5 in float32, finite in bf16."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import xcit
+from conftest import perturb_
+from xcit.models import layers
+from xcit.models.xcit import XCA, xca_reference
+
+
+@pytest.mark.parametrize('gelu', [False, True])
+@pytest.mark.parametrize('bias', [False, True])
+def test_onednn_linear_matches_f_linear_forward_and_backward(gelu, bias):
+    torch.manual_seed(0)
+    x = torch.randn(3, 37, 64, requires_grad=True)
+    w = (torch.randn(48, 64) * 0.1).requires_grad_()
+    b = torch.randn(48).requires_grad_() if bias else None
+    grad = torch.randn(3, 37, 48)
+
+    def run(fn):
+        for t in (x, w, b):
+            if t is not None:
+                t.grad = None
+        out = fn(x, w, b)
+        out.backward(grad)
+        return out.detach(), [t.grad.clone() for t in (x, w, b) if t is not None]
+
+    fast_out, fast_grads = run(lambda x, w, b: layers.linear(x, w, b, gelu=gelu))
+    ref_out, ref_grads = run(lambda x, w, b: F.gelu(F.linear(x, w, b)) if gelu else F.linear(x, w, b))
+    assert torch.allclose(fast_out, ref_out, atol=1e-5)
+    for a, r in zip(fast_grads, ref_grads):
+        assert torch.allclose(a, r, atol=1e-4, rtol=1e-5)
+    with torch.no_grad():  # inference: bias and GELU fused into the GEMM
+        assert torch.allclose(layers.linear(x, w, b, gelu=gelu), ref_out, atol=1e-5)
+
+
+def test_onednn_linear_is_used_and_can_be_turned_off(monkeypatch):
+    if not layers.onednn_linear_available():
+        pytest.skip('this PyTorch build has no oneDNN linear')
+    calls = []
+    monkeypatch.setattr(layers, '_onednn', lambda *a, **k: calls.append(1) or F.linear(*a[:3]))
+    layers.linear(torch.randn(2, 4), torch.randn(3, 4))
+    assert calls
+    calls.clear()
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # autocast keeps PyTorch's own matmul
+        assert layers.linear(torch.randn(2, 4), torch.randn(3, 4)).dtype == torch.bfloat16
+    assert not calls
+    layers.onednn_linear_available.cache_clear()
+    monkeypatch.setenv('XCIT_ONEDNN_LINEAR', '0')
+    try:
+        assert not layers.onednn_linear_available()
+    finally:
+        layers.onednn_linear_available.cache_clear()
+
+
+@pytest.mark.parametrize('tokens', [7, 196, 785])
+def test_xca_fast_path_matches_the_official_formulation(tokens):
+    torch.manual_seed(0)
+    xca = perturb_(XCA(96, num_heads=4), scale=0.2).eval()
+    x = torch.randn(2, tokens, 96)
+    with torch.no_grad():
+        assert (xca(x) - xca_reference(xca, x)).abs().max() < 1e-5
+
+
+def test_xca_trains_like_the_reference():
+    torch.manual_seed(0)
+    xca = perturb_(XCA(64, num_heads=2), scale=0.2)
+    x = torch.randn(2, 50, 64)
+    grads = []
+    for fn in (xca, lambda t: xca_reference(xca, t)):
+        xca.zero_grad()
+        fn(x).square().sum().backward()
+        grads.append([p.grad.clone() for p in xca.parameters()])
+    for fast, ref in zip(*grads):
+        assert torch.allclose(fast, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize('name', ['xcit_nano_12_p16_224', 'xcit_tiny_12_p8_224'])
+def test_whole_model_fast_paths_match_plain_pytorch(name, monkeypatch):
+    """The model with every fast path (oneDNN GEMMs, channel-major XCA) against the same weights computed plainly."""
+    torch.manual_seed(0)
+    model = perturb_(xcit.create_model(name)).eval()
+    x = torch.randn(2, 3, 112, 96)
+    with torch.no_grad():
+        fast = model(x)
+    monkeypatch.setattr(layers, 'onednn_linear_available', lambda: False)
+    monkeypatch.setattr(XCA, 'forward', lambda self, t: xca_reference(self, t))
+    with torch.no_grad():
+        plain = model(x)
+    assert (fast - plain).abs().max() < 1e-5 * max(1.0, plain.abs().max().item())
+
+
+def test_fast_paths_stay_finite_in_bf16():
+    torch.manual_seed(0)
+    model = perturb_(xcit.create_model('xcit_nano_12_p8_224')).eval()
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        reference = model(x)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            low = model(x)
+    assert torch.isfinite(low).all() and ((low.float() - reference).norm() / reference.norm()) < 2e-2
