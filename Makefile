@@ -21,7 +21,9 @@ demo: $(STAMP)
 	$(BIN)/xcit train -c configs/demo/digits_xcit.yaml
 
 bench: $(STAMP)
-	$(BIN)/xcit bench --model xcit_nano_12_p16_224,xcit_small_12_p16_224 --resolutions 224,512,1024
+	$(BIN)/xcit bench -m xcit_nano_12_p16_224 --resolutions 224,384,512,768,1024 \
+		--json bench-results/sweep.json --plot bench-results/sweep.png
+	$(BIN)/xcit bench -m xcit_nano_12_p16_224 -b 32 --compare timm --json bench-results/compare.json
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

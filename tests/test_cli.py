@@ -30,21 +30,40 @@ def test_models_pretrained_lists_urls(capsys):
 def test_bad_input_is_one_line_and_exit_code_2(capsys):
     assert main(['models', 'nothing_like_this*']) == 2
     assert main(['bench', '--model', 'xcit_gigantic', '--resolutions', '64']) == 2
+    assert main(['bench', '--impls', 'pytorch']) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith('xcit ') for line in err)
+    assert len(err) == 3 and all(line.startswith('xcit ') for line in err)
     assert 'xcit_gigantic' in err[1]
 
 
 @pytest.mark.slow
-def test_bench_sweep_writes_json(tmp_path):
-    out = tmp_path / 'sweep.json'
-    proc = run_cli('bench', '--model', 'xcit_nano_12_p16_224', '--resolutions', '64,128', '--iters', '1', '--json', out)
+def test_bench_resolution_sweep_writes_json_and_plot(tmp_path):
+    out, plot = tmp_path / 'sweep.json', tmp_path / 'sweep.png'
+    proc = run_cli('bench', '--model', 'xcit_nano_12_p16_224', '--resolutions', '64,128', '--iters', '1',
+                   '--baseline', 'vit_tiny_patch16_224', '--json', out, '--plot', plot)
     assert proc.returncode == 0, proc.stderr
-    result = json.loads(out.read_text())
-    points = result['points']
-    assert [p['resolution'] for p in points] == [64, 128]
-    assert [p['tokens'] for p in points] == [16, 64]
-    assert points[1]['gmacs'] > 3 * points[0]['gmacs']  # 4x the tokens, ~4x the work
-    assert all(p['ms_per_batch'] > 0 and p['peak_mb'] >= 0 for p in points)
-    assert result['environment']['torch']
-    assert 'tokens x' in proc.stdout
+    results = json.loads(out.read_text())['results']
+    ours = [r for r in results if r['impl'] == 'xcit']
+    assert [r['img_size'] for r in ours] == [64, 128] and [r['tokens'] for r in ours] == [16, 64]
+    assert ours[1]['gmacs'] > 3 * ours[0]['gmacs']  # 4x the tokens, ~4x the work
+    assert {r['model'] for r in results} == {'xcit_nano_12_p16_224', 'vit_tiny_patch16_224'}
+    assert all(r['step_time_ms'] > 0 and r['peak_mb'] is not None for r in results)
+    assert plot.stat().st_size > 10_000 and 'tokens x' in proc.stdout
+
+
+@pytest.mark.slow
+def test_bench_compare_with_timm_writes_timm_columns(tmp_path):
+    out, table = tmp_path / 'compare.json', tmp_path / 'compare.csv'
+    proc = run_cli('bench', '-m', 'xcit_nano_12_p16_224', '-b', '2', '--img-size', '64', '--compare', 'timm',
+                   '--rounds', '2', '--iters', '1', '--warmup', '1', '--json', out, '--csv', table, '--profile')
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    assert {(r['impl'], r['mode']) for r in data['results']} == {('xcit', 'infer'), ('xcit', 'train'),
+                                                                 ('timm', 'infer'), ('timm', 'train')}
+    assert {r['mode'] for r in data['ratios']} == {'infer', 'train'} and all(r['speedup'] > 0 for r in data['ratios'])
+    assert data['environment']['torch'] and data['environment']['mac_counter']
+    header = table.read_text().splitlines()[0].split(',')
+    assert {'infer_samples_per_sec', 'infer_step_time', 'param_count', 'infer_gmacs', 'train_samples_per_sec',
+            'infer_peak_mb'} <= set(header)
+    assert set(data['profile']['xcit_nano_12_p16_224/xcit/infer']) == {'matmul', 'convolution', 'memory copy',
+                                                                      'elementwise + norms'}

@@ -37,7 +37,7 @@ def test_onednn_linear_matches_f_linear_forward_and_backward(gelu, bias):
 
 
 def test_onednn_linear_is_used_and_can_be_turned_off(monkeypatch):
-    if not layers.onednn_linear_available():
+    if not layers.ONEDNN_LINEAR:
         pytest.skip('this PyTorch build has no oneDNN linear')
     calls = []
     monkeypatch.setattr(layers, '_onednn', lambda *a, **k: calls.append(1) or F.linear(*a[:3]))
@@ -47,12 +47,8 @@ def test_onednn_linear_is_used_and_can_be_turned_off(monkeypatch):
     with torch.autocast('cpu', dtype=torch.bfloat16):  # autocast keeps PyTorch's own matmul
         assert layers.linear(torch.randn(2, 4), torch.randn(3, 4)).dtype == torch.bfloat16
     assert not calls
-    layers.onednn_linear_available.cache_clear()
     monkeypatch.setenv('XCIT_ONEDNN_LINEAR', '0')
-    try:
-        assert not layers.onednn_linear_available()
-    finally:
-        layers.onednn_linear_available.cache_clear()
+    assert not layers._onednn_linear_works()
 
 
 @pytest.mark.parametrize('tokens', [7, 196, 785])
@@ -85,7 +81,7 @@ def test_whole_model_fast_paths_match_plain_pytorch(name, monkeypatch):
     x = torch.randn(2, 3, 112, 96)
     with torch.no_grad():
         fast = model(x)
-    monkeypatch.setattr(layers, 'onednn_linear_available', lambda: False)
+    monkeypatch.setattr(layers, 'ONEDNN_LINEAR', False)
     monkeypatch.setattr(XCA, 'forward', lambda self, t: xca_reference(self, t))
     with torch.no_grad():
         plain = model(x)
@@ -101,3 +97,64 @@ def test_fast_paths_stay_finite_in_bf16():
         with torch.autocast('cpu', dtype=torch.bfloat16):
             low = model(x)
     assert torch.isfinite(low).all() and ((low.float() - reference).norm() / reference.norm()) < 2e-2
+
+
+@pytest.mark.slow
+def test_optimize_for_inference_compiles_without_graph_breaks_and_matches():
+    torch.manual_seed(0)
+    model = perturb_(xcit.create_model('xcit_nano_12_p16_224')).eval()
+    x = torch.randn(2, 3, 96, 80)
+    with torch.no_grad():
+        reference = model(x)
+    optimized = xcit.optimize_for_inference(model, compile=False)
+    assert isinstance(optimized.patch_embed.proj[0][1], nn.Identity)  # BatchNorm folded into the stem conv
+    with torch.no_grad():
+        assert (optimized(x) - reference).abs().max() < 1e-5
+    compiled = torch.compile(optimized, fullgraph=True)  # a graph break would raise here
+    with torch.no_grad():
+        assert (compiled(x) - reference).abs().max() < 1e-5
+
+
+def test_folding_covers_cvt_projections():
+    model = xcit.create_model('cvt_13_224').eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        reference = model(x)
+        assert xcit.models.fold_batchnorm(model) == 39  # one per q/k/v projection of 13 blocks
+        assert (model(x) - reference).abs().max() < 1e-5
+
+
+def test_stem_inference_path_matches_its_modules():
+    """Eval without gradients folds BN into the convs and runs GELU in place; with them, the modules run."""
+    torch.manual_seed(0)
+    model = perturb_(xcit.create_model('xcit_tiny_12_p16_224')).eval()
+    x = torch.randn(2, 3, 80, 72)
+    with torch.no_grad():
+        fast, grid = model.patch_embed(x)
+    with torch.enable_grad():
+        reference, _ = model.patch_embed(x)
+    assert grid == (5, 5) and (fast - reference).abs().max() < 1e-5
+    xcit.models.fold_batchnorm(model)  # already folded: the inference path runs the plain convs
+    with torch.no_grad():
+        assert (model.patch_embed(x)[0] - reference).abs().max() < 1e-5
+
+
+def test_training_fast_paths_give_the_reference_gradients(monkeypatch):
+    """oneDNN GEMMs, the MLP that recomputes GELU, channel-major XCA: the same gradients as plain PyTorch."""
+    torch.manual_seed(0)
+    model = perturb_(xcit.create_model('xcit_nano_12_p16_224', num_classes=10))
+    model.eval()  # fixed BatchNorm statistics, so both passes compute the same function
+    x, target = torch.randn(2, 3, 64, 48), torch.tensor([1, 7])
+
+    def grads():
+        model.zero_grad()
+        F.cross_entropy(model(x), target).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fast = grads()
+    monkeypatch.setattr(layers, 'ONEDNN_LINEAR', False)
+    monkeypatch.setattr(XCA, 'forward', lambda self, t: xca_reference(self, t))
+    plain = grads()
+    for name in plain:
+        scale = max(plain[name].abs().max().item(), 1e-3)
+        assert (fast[name] - plain[name]).abs().max() / scale < 1e-4, name

@@ -1,10 +1,16 @@
-"""Time and memory versus input size: the measurement behind XCiT's linear-cost claim.
+"""Benchmarks: throughput and peak memory, side by side with timm, and against input resolution.
 
-Each (model, resolution) point runs in a fresh process, so the memory peak of
-one point cannot hide in memory the allocator kept from another. On CUDA the
-peak is the caching allocator's `max_memory_allocated`; on a CPU it is the
-growth of the process's peak resident set (Linux `VmHWM`, reset before the
-first forward pass) over its size before that pass.
+Columns follow timm's benchmark.py (`infer_samples_per_sec`, `infer_step_time`,
+`param_count`, `infer_gmacs`, the same with `train_`), plus peak memory.
+
+- Implementations compared in one process are timed in alternating rounds, so
+  a slow spell of the machine hits both; ratios are reported per round.
+- Peak memory is measured in a fresh process per (model, implementation, mode),
+  over the second step: the CUDA allocator's peak on a GPU; on a CPU the growth
+  of the process's peak resident set (Linux VmHWM, reset first) over its size
+  before the step, with glibc told to return large blocks on free so that the
+  resident set follows live memory.
+- A training step is timm's: forward, cross-entropy on random labels, backward, SGD step.
 """
 from __future__ import annotations
 
@@ -16,39 +22,114 @@ import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 MAC_COUNTER = 'torch.utils.flop_counter (matmul + conv MACs)'
+IMPLS = ('xcit', 'xcit-compiled', 'xcit-optimized', 'timm', 'timm-compiled')
 
 
 @dataclass
-class BenchPoint:
+class Result:
     model: str
-    resolution: int
+    impl: str
+    mode: str  # 'infer' or 'train'
     batch_size: int
+    img_size: int
     tokens: int
-    gmacs: float  # per image
-    ms_per_batch: float
-    ms_spread: float  # (max - min) / 2 over the timed iterations
-    peak_mb: float
+    samples_per_sec: float
+    step_time_ms: float  # median over all timed steps
+    step_time_spread_ms: float  # half the range of the per-round medians
+    peak_mb: float | None
+    param_count_m: float
+    gmacs: float  # per image, forward
     device: str
 
 
-def count_macs(model_name: str, resolution: int) -> float:
-    """GMACs of one image at `resolution`, counted on the meta device (nothing is computed)."""
+def build_model(name: str, impl: str, img_size: int, device: str = 'cpu') -> nn.Module:
+    """`impl`: xcit (eager), xcit-compiled, xcit-optimized (optimize_for_inference), timm, timm-compiled.
+
+    Non-xcit model names (a token-attention baseline such as deit_small_patch16_224)
+    are built by timm for its impls, at `img_size` so that their position embedding fits.
+    """
+    from .models import create_model, is_model, optimize_for_inference
+    if impl not in IMPLS:
+        raise ValueError(f"unknown implementation {impl!r}; choose from {', '.join(IMPLS)}")
+    if impl.startswith('xcit'):
+        if not is_model(name):
+            raise ValueError(f'{name} is not an xcit model; compare it with --impls timm')
+        model = create_model(name).to(device)
+        if impl == 'xcit-optimized':
+            return optimize_for_inference(model)
+        return torch.compile(model) if impl == 'xcit-compiled' else model
+    import timm
+    kwargs = {} if name.startswith('xcit') else dict(img_size=img_size)
+    model = timm.create_model(name, **kwargs).to(device)
+    return torch.compile(model) if impl == 'timm-compiled' else model
+
+
+def make_step(model: nn.Module, mode: str, batch_size: int, img_size: int, device: str) -> Callable[[], None]:
+    x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    if mode == 'infer':
+        model.eval()
+
+        def step():
+            with torch.inference_mode():
+                model(x)
+        return step
+    model.train()
+    num_classes = 1000
+    targets = torch.randint(0, num_classes, (batch_size,), device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), targets).backward()
+        optimizer.step()
+    return step
+
+
+def _timed(step: Callable[[], None], iters: int, device: str) -> list[float]:
+    times = []
+    for _ in range(iters):
+        if device.startswith('cuda'):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.startswith('cuda'):
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def count_macs(name: str, img_size: int) -> tuple[float, float]:
+    """(GMACs of one image, parameters in millions), counted on the meta device (nothing is computed)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .models import create_model
+    from .models import create_model, is_model
     with torch.device('meta'):
-        model = create_model(model_name).eval()
+        if is_model(name):
+            model = create_model(name).eval()
+        else:
+            import timm
+            model = timm.create_model(name, img_size=img_size).eval()
+        params = sum(p.numel() for p in model.parameters()) / 1e6
         with FlopCounterMode(display=False) as counter:
-            model(torch.empty(1, 3, resolution, resolution))
-    return counter.get_total_flops() / 2e9
+            model(torch.empty(1, 3, img_size, img_size))
+    return counter.get_total_flops() / 2e9, params
 
 
-def _read_proc_status_kb(field: str) -> int | None:
+def _tokens(name: str, img_size: int) -> int:
+    patch = 8 if '_p8_' in name else 16
+    return math.ceil(img_size / patch) ** 2
+
+
+# --- memory, in a fresh process ------------------------------------------------------------------------
+
+def _read_status_kb(field: str) -> int | None:
     try:
         with open('/proc/self/status') as f:
             for line in f:
@@ -59,18 +140,8 @@ def _read_proc_status_kb(field: str) -> int | None:
     return None
 
 
-def _reset_peak_rss() -> bool:
-    """Reset Linux's peak-RSS mark (VmHWM) to the current RSS; False where that is not possible."""
-    try:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-        return True
-    except OSError:
-        return False
-
-
 def _peak_rss_kb() -> int:
-    hwm = _read_proc_status_kb('VmHWM')
+    hwm = _read_status_kb('VmHWM')
     if hwm is not None:
         return hwm
     import resource
@@ -78,90 +149,227 @@ def _peak_rss_kb() -> int:
     return peak // 1024 if platform.system() == 'Darwin' else peak
 
 
-def measure_point(model_name: str, resolution: int, batch_size: int = 1, warmup: int = 1, iters: int = 3,
-                  device: str = 'cpu', num_threads: int | None = None) -> BenchPoint:
-    """Inference time and peak memory of one forward pass, in this process."""
-    from .models import create_model
-    if num_threads:
-        torch.set_num_threads(num_threads)
+def _measure_peak_mb(name: str, impl: str, mode: str, batch_size: int, img_size: int, device: str) -> float:
     torch.manual_seed(0)
-    model = create_model(model_name).eval().to(device)
-    x = torch.randn(batch_size, 3, resolution, resolution, device=device)
-    patch = model.patch_size
-    tokens = math.ceil(resolution / patch) ** 2
-
-    def sync():
-        if device.startswith('cuda'):
-            torch.cuda.synchronize()
-
-    with torch.inference_mode():
-        # the first pass is the one whose memory is measured: nothing is cached yet
-        if device.startswith('cuda'):
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            model(x)
-            sync()
-            peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-        else:
-            _reset_peak_rss()
-            base_kb = _read_proc_status_kb('VmRSS') or _peak_rss_kb()
-            model(x)
-            peak_mb = max(_peak_rss_kb() - base_kb, 0) / 1024
-        for _ in range(max(warmup - 1, 0)):
-            model(x)
-        sync()
-        times = []
-        for _ in range(iters):
-            start = time.perf_counter()
-            model(x)
-            sync()
-            times.append((time.perf_counter() - start) * 1e3)
-    return BenchPoint(
-        model=model_name, resolution=resolution, batch_size=batch_size, tokens=tokens,
-        gmacs=round(count_macs(model_name, resolution), 3), ms_per_batch=round(statistics.median(times), 2),
-        ms_spread=round((max(times) - min(times)) / 2, 2), peak_mb=round(peak_mb, 1), device=device)
+    model = build_model(name, impl, img_size, device)
+    step = make_step(model, mode, batch_size, img_size, device)
+    step()  # one-time costs (lazy imports, kernel caches, compilation, gradient buffers) are not the step's
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # resets VmHWM to the current resident set
+    except OSError:
+        pass
+    base = _read_status_kb('VmRSS') or _peak_rss_kb()
+    step()
+    return max(_peak_rss_kb() - base, 0) / 1024
 
 
-def run_sweep(models: Sequence[str], resolutions: Sequence[int], isolate: bool = True, **kwargs) -> list[BenchPoint]:
-    """Measure every model at every resolution, each point in a fresh process unless `isolate=False`."""
-    points = []
-    for name in models:
-        for res in resolutions:
-            if isolate:
-                ctx = multiprocessing.get_context('spawn')
-                with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-                    points.append(pool.submit(measure_point, name, res, **kwargs).result())
+# glibc hands every block of 64 KiB or more back to the system when it is freed, so the resident set
+# follows live memory and a second step's peak is not hidden by blocks the first one left cached
+_MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': '65536', 'MALLOC_TRIM_THRESHOLD_': '65536'}
+
+
+def peak_memory_mb(name: str, impl: str, mode: str, batch_size: int, img_size: int, device: str = 'cpu') -> float:
+    """Peak memory of one (warmed-up) step, measured in a fresh process."""
+    saved = {k: os.environ.get(k) for k in _MALLOC_ENV}
+    os.environ.update(_MALLOC_ENV)
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context('spawn')) as pool:
+            return pool.submit(_measure_peak_mb, name, impl, mode, batch_size, img_size, device).result()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
             else:
-                points.append(measure_point(name, res, **kwargs))
-    return points
+                os.environ[key] = value
+
+
+# --- side by side ------------------------------------------------------------------------------------
+
+def compare(name: str, impls: Sequence[str] = ('xcit', 'timm'), modes: Sequence[str] = ('infer', 'train'),
+            batch_size: int = 32, img_size: int = 224, rounds: int = 5, iters: int = 3, warmup: int = 2,
+            device: str = 'cpu', memory: bool = True) -> list[Result]:
+    """Time every implementation in alternating rounds in this process; measure memory in fresh ones."""
+    gmacs, params = count_macs(name, img_size)
+    results = []
+    for mode in modes:
+        steps = {}
+        for impl in impls:
+            if mode == 'train' and impl == 'xcit-optimized':
+                continue  # inference only
+            torch.manual_seed(0)
+            steps[impl] = make_step(build_model(name, impl, img_size, device), mode, batch_size, img_size, device)
+            _timed(steps[impl], warmup, device)
+        per_round: dict[str, list[float]] = {impl: [] for impl in steps}
+        every: dict[str, list[float]] = {impl: [] for impl in steps}
+        for _ in range(rounds):
+            for impl, step in steps.items():
+                times = _timed(step, iters, device)
+                per_round[impl].append(statistics.median(times))
+                every[impl].extend(times)
+        for impl in steps:
+            median = statistics.median(every[impl])
+            peak = peak_memory_mb(name, impl, mode, batch_size, img_size, device) if memory else None
+            results.append(Result(
+                name, impl, mode, batch_size, img_size, _tokens(name, img_size),
+                samples_per_sec=round(batch_size / median * 1e3, 2), step_time_ms=round(median, 2),
+                step_time_spread_ms=round((max(per_round[impl]) - min(per_round[impl])) / 2, 2),
+                peak_mb=None if peak is None else round(peak, 1), param_count_m=round(params, 3),
+                gmacs=round(gmacs, 3), device=device))
+        del steps
+    return results
+
+
+def ratios(results: Sequence[Result], reference: str = 'timm') -> list[dict]:
+    """Throughput and memory of each implementation relative to `reference` (same model and mode)."""
+    rows = []
+    for r in results:
+        base = next((b for b in results if b.impl == reference and (b.model, b.mode) == (r.model, r.mode)), None)
+        if base is None or r.impl == reference:
+            continue
+        rows.append(dict(model=r.model, mode=r.mode, impl=r.impl,
+                         speedup=round(r.samples_per_sec / base.samples_per_sec, 3),
+                         speedup_range=(round(base.step_time_ms / (r.step_time_ms + r.step_time_spread_ms), 3),
+                                        round(base.step_time_ms / max(r.step_time_ms - r.step_time_spread_ms, 1e-9), 3)),
+                         memory_ratio=(round(r.peak_mb / base.peak_mb, 3)
+                                       if r.peak_mb is not None and base.peak_mb else None)))
+    return rows
+
+
+def timm_rows(results: Sequence[Result]) -> list[dict]:
+    """One row per (model, impl) with timm benchmark.py's column names."""
+    rows: dict[tuple[str, str], dict] = {}
+    for r in results:
+        row = rows.setdefault((r.model, r.impl), dict(model=r.model, impl=r.impl, param_count=r.param_count_m,
+                                                       device=r.device))
+        row.update({f'{r.mode}_samples_per_sec': r.samples_per_sec, f'{r.mode}_step_time': r.step_time_ms,
+                    f'{r.mode}_step_time_spread': r.step_time_spread_ms, f'{r.mode}_batch_size': r.batch_size,
+                    f'{r.mode}_img_size': r.img_size, f'{r.mode}_gmacs': r.gmacs, f'{r.mode}_peak_mb': r.peak_mb})
+    return list(rows.values())
+
+
+# --- resolution sweep ---------------------------------------------------------------------------------
+
+def _sweep_point(name: str, impl: str, img_size: int, batch_size: int, iters: int, warmup: int, device: str) -> Result:
+    torch.manual_seed(0)
+    step = make_step(build_model(name, impl, img_size, device), 'infer', batch_size, img_size, device)
+    _timed(step, warmup, device)
+    times = _timed(step, iters, device)
+    gmacs, params = count_macs(name, img_size)
+    median = statistics.median(times)
+    return Result(name, impl, 'infer', batch_size, img_size, _tokens(name, img_size),
+                  samples_per_sec=round(batch_size / median * 1e3, 2), step_time_ms=round(median, 2),
+                  step_time_spread_ms=round((max(times) - min(times)) / 2, 2), peak_mb=None,
+                  param_count_m=round(params, 3), gmacs=round(gmacs, 3), device=device)
+
+
+def resolution_sweep(models: Sequence[tuple[str, str]], resolutions: Sequence[int], batch_size: int = 1,
+                     iters: int = 3, warmup: int = 1, device: str = 'cpu', memory: bool = True) -> list[Result]:
+    """Inference time and peak memory of each (model, impl) at each square size, each point in a fresh process."""
+    ctx = multiprocessing.get_context('spawn')
+    results = []
+    for name, impl in models:
+        for res in resolutions:
+            with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+                result = pool.submit(_sweep_point, name, impl, res, batch_size, iters, warmup, device).result()
+            if memory:
+                result.peak_mb = round(peak_memory_mb(name, impl, 'infer', batch_size, res, device), 1)
+            results.append(result)
+    return results
+
+
+def plot_sweep(results: Sequence[Result], path) -> None:
+    """Time and memory against tokens, log-log, with linear and quadratic slopes drawn through each first point."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    series: dict[str, list[Result]] = {}
+    for r in results:
+        series.setdefault(f'{r.model} ({r.impl})', []).append(r)
+    for ax, key, label in ((axes[0], 'step_time_ms', 'time per batch (ms)'), (axes[1], 'peak_mb', 'peak memory (MB)')):
+        for i, (name, points) in enumerate(series.items()):
+            points = [p for p in points if getattr(p, key)]
+            if not points:
+                continue
+            tokens = [p.tokens for p in points]
+            values = [getattr(p, key) for p in points]
+            color = f'C{i}'
+            ax.plot(tokens, values, marker='o', color=color, label=name)
+            n0, v0 = tokens[0], values[0]
+            ends = [n0, tokens[-1]]
+            ax.plot(ends, [v0, v0 * ends[1] / n0], ':', color=color, alpha=0.6)
+            ax.plot(ends, [v0, v0 * (ends[1] / n0) ** 2], '--', color=color, alpha=0.35)
+        ax.set(xscale='log', yscale='log', xlabel='tokens', ylabel=label)
+        ax.grid(alpha=0.3, which='both')
+    axes[0].plot([], [], 'k:', label='linear in tokens')
+    axes[0].plot([], [], 'k--', alpha=0.4, label='quadratic in tokens')
+    axes[0].legend(fontsize=8)
+    axes[0].set_title('inference time')
+    axes[1].set_title('inference peak memory')
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --- profile ------------------------------------------------------------------------------------------
+
+PROFILE_CATEGORIES = {
+    'matmul': ('addmm', 'mm', 'bmm', 'baddbmm', 'matmul', '_linear_pointwise', 'onednn_linear'),
+    'convolution': ('convolution', 'mkldnn_convolution', 'conv2d'),
+    'memory copy': ('copy_', 'clone', 'contiguous', 'cat', 'to_copy', 'stack'),
+}
+
+
+def profile_categories(step: Callable[[], None]) -> dict[str, float]:
+    """Milliseconds of self CPU time per category (matmul, convolution, memory copy, elementwise + norms)."""
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    totals = dict.fromkeys([*PROFILE_CATEGORIES, 'elementwise + norms'], 0.0)
+    for event in prof.key_averages():
+        op = event.key.split('::')[-1]
+        category = next((c for c, ops in PROFILE_CATEGORIES.items() if op in ops), 'elementwise + norms')
+        totals[category] += event.self_cpu_time_total / 1e3
+    return {k: round(v, 1) for k, v in totals.items()}
 
 
 def environment() -> dict:
     """What produced a measurement: enough to tell whether two are comparable."""
     from . import __version__
+    from .models.layers import ONEDNN_LINEAR
     info = dict(xcit=__version__, torch=torch.__version__, python=platform.python_version(),
-                machine=platform.machine(), processor=platform.processor() or platform.machine(),
-                cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(), mac_counter=MAC_COUNTER)
+                machine=platform.machine(), processor=_cpu_name(), cpu_count=os.cpu_count(),
+                torch_threads=torch.get_num_threads(), onednn_linear=ONEDNN_LINEAR, mac_counter=MAC_COUNTER,
+                date=time.strftime('%Y-%m-%d'))
+    try:
+        import timm
+        info['timm'] = timm.__version__
+    except ImportError:
+        pass
     if torch.cuda.is_available():
         info['cuda_device'] = torch.cuda.get_device_name()
     return info
 
 
-def format_table(points: Sequence[BenchPoint]) -> str:
-    """A text table with growth relative to each model's smallest resolution."""
-    header = (f"{'model':<26} {'res':>5} {'tokens':>7} {'GMACs':>8} {'ms/batch':>10} {'peak MB':>9} "
-              f"{'tokens x':>9} {'time x':>8} {'mem x':>7}")
-    lines = [header, '-' * len(header)]
-    first: dict[str, BenchPoint] = {}
-    for p in points:
-        base = first.setdefault(p.model, p)
-        mem_ratio = f'{p.peak_mb / base.peak_mb:7.2f}' if base.peak_mb > 0 else f"{'-':>7}"
-        lines.append(
-            f'{p.model:<26} {p.resolution:>5} {p.tokens:>7} {p.gmacs:>8.2f} {p.ms_per_batch:>10.1f} '
-            f'{p.peak_mb:>9.1f} {p.tokens / base.tokens:>9.2f} {p.ms_per_batch / base.ms_per_batch:>8.2f} '
-            f'{mem_ratio}')
-    return '\n'.join(lines)
+def _cpu_name() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
-def as_json(points: Sequence[BenchPoint]) -> dict:
-    return dict(environment=environment(), points=[asdict(p) for p in points])
+def as_json(results: Sequence[Result], **extra) -> dict:
+    return dict(environment=environment(), results=[asdict(r) for r in results], **extra)

@@ -1,12 +1,18 @@
-"""`xcit bench`: inference time and peak memory against input resolution."""
+"""`xcit bench`: throughput and peak memory, side by side with timm, or against input resolution.
+
+  xcit bench -m xcit_nano_12_p16_224 -b 32 --compare timm            ours vs timm, inference and training
+  xcit bench -m xcit_small_12_p16_224 -b 8 --impls xcit,xcit-optimized,timm,timm-compiled --bench infer
+  xcit bench -m xcit_nano_12_p16_224 --resolutions 224,384,512,768,1024 --plot sweep.png
+"""
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from .. import bench
-from ..models import is_model
 
 
 def _int_list(text: str) -> list[int]:
@@ -15,40 +21,122 @@ def _int_list(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f'expected comma-separated integers, got {text!r}') from None
     if not values or min(values) < 16:
-        raise argparse.ArgumentTypeError(f'resolutions must be integers >= 16, got {text!r}')
+        raise argparse.ArgumentTypeError(f'sizes must be integers >= 16, got {text!r}')
     return values
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser('bench', help='time and memory versus resolution', description=__doc__)
-    p.add_argument('--model', '-m', default='xcit_nano_12_p16_224,xcit_small_12_p16_224',
-                   help='comma-separated model names')
-    p.add_argument('--resolutions', type=_int_list, default=[224, 512, 1024], help='comma-separated square sizes')
-    p.add_argument('--batch-size', '-b', type=int, default=1)
-    p.add_argument('--iters', type=int, default=3, help='timed forward passes per point')
-    p.add_argument('--warmup', type=int, default=1, help='untimed passes first (the first also measures memory)')
+    p = sub.add_parser('bench', help='throughput and memory, against timm or resolution', description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', '-m', default='xcit_nano_12_p16_224', help='comma-separated model names')
+    p.add_argument('--impls', default='xcit', help=f"comma-separated, from {', '.join(bench.IMPLS)}")
+    p.add_argument('--compare', choices=['timm'], help="add timm's implementation of the same models")
+    p.add_argument('--bench', choices=['infer', 'train', 'both'], default='both')
+    p.add_argument('--batch-size', '-b', type=int, default=32)
+    p.add_argument('--img-size', type=int, default=224)
+    p.add_argument('--rounds', type=int, default=5, help='alternating timing rounds')
+    p.add_argument('--iters', type=int, default=3, help='timed steps per implementation and round')
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--resolutions', type=_int_list, help='sweep these square sizes instead (inference, batch 1)')
+    p.add_argument('--baseline', default='deit_small_patch16_224',
+                   help="token-attention model (timm) swept beside ours; 'none' to skip")
+    p.add_argument('--plot', type=Path, help='with --resolutions: write the log-log PNG here')
+    p.add_argument('--profile', action='store_true', help='also print where the time goes, by kind of op')
+    p.add_argument('--no-memory', action='store_true', help='skip the (slower) peak-memory measurements')
     p.add_argument('--device', default='cpu')
-    p.add_argument('--json', type=Path, help='also write the results and their environment here')
-    p.add_argument('--no-isolate', action='store_true', help='measure every point in this process (memory less exact)')
+    p.add_argument('--json', type=Path, help='write results and their environment as JSON')
+    p.add_argument('--csv', type=Path, help='write timm-style result rows as CSV')
     p.set_defaults(run=run)
 
 
+def _print_results(results) -> None:
+    print(f"{'model':<24} {'impl':<15} {'mode':<5} {'batch':>5} {'img':>5} {'samples/s':>10} "
+          f"{'step ms':>14} {'peak MB':>8} {'GMACs':>7}")
+    for r in results:
+        peak = f'{r.peak_mb:8.1f}' if r.peak_mb is not None else f"{'-':>8}"
+        print(f'{r.model:<24} {r.impl:<15} {r.mode:<5} {r.batch_size:>5} {r.img_size:>5} {r.samples_per_sec:>10.1f} '
+              f'{r.step_time_ms:>8.1f} ±{r.step_time_spread_ms:<5.1f} {peak} {r.gmacs:>7.2f}')
+
+
+def _print_sweep(results) -> None:
+    print(f"{'model':<26} {'impl':<8} {'res':>5} {'tokens':>7} {'GMACs':>8} {'ms':>9} {'peak MB':>8} "
+          f"{'tokens x':>9} {'time x':>7} {'mem x':>6}")
+    first = {}
+    for r in results:
+        base = first.setdefault((r.model, r.impl), r)
+        mem = f'{r.peak_mb / base.peak_mb:6.2f}' if r.peak_mb and base.peak_mb else f"{'-':>6}"
+        peak = f'{r.peak_mb:8.1f}' if r.peak_mb is not None else f"{'-':>8}"
+        print(f'{r.model:<26} {r.impl:<8} {r.img_size:>5} {r.tokens:>7} {r.gmacs:>8.2f} {r.step_time_ms:>9.1f} '
+              f'{peak} {r.tokens / base.tokens:>9.2f} {r.step_time_ms / base.step_time_ms:>7.2f} {mem}')
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..models import is_model
     models = [m for m in args.model.split(',') if m]
+    impls = [i for i in args.impls.split(',') if i]
+    if args.compare == 'timm':
+        impls += [i.replace('xcit', 'timm') for i in impls if i in ('xcit', 'xcit-compiled')]
+        impls = list(dict.fromkeys(impls))
+    bad = [i for i in impls if i not in bench.IMPLS]
+    if bad:
+        raise ValueError(f"unknown implementation(s) {', '.join(bad)}; choose from {', '.join(bench.IMPLS)}")
     unknown = [m for m in models if not is_model(m)]
     if unknown:
         raise ValueError(f"unknown model(s): {', '.join(unknown)} (see `xcit models`)")
-    if args.batch_size < 1 or args.iters < 1 or args.warmup < 1:
-        raise ValueError('--batch-size, --iters and --warmup must be at least 1')
+    if min(args.batch_size, args.rounds, args.iters) < 1 or args.warmup < 0:
+        raise ValueError('--batch-size, --rounds and --iters must be at least 1, --warmup at least 0')
     env = bench.environment()
-    print(f"device {args.device}, torch {env['torch']}, {env['torch_threads']} threads, batch {args.batch_size}, "
-          f"median of {args.iters}; GMACs by {bench.MAC_COUNTER}")
-    points = bench.run_sweep(models, args.resolutions, isolate=not args.no_isolate, batch_size=args.batch_size,
-                             warmup=args.warmup, iters=args.iters, device=args.device)
-    print(bench.format_table(points))
-    print('XCA cost is linear in tokens: time x and mem x should track tokens x.')
+    print(f"{env['processor']}, {env['torch_threads']} threads, torch {env['torch']}, device {args.device}; "
+          f"GMACs by {bench.MAC_COUNTER}")
+
+    extra = {}
+    if args.resolutions:
+        swept = [(m, i) for m in models for i in impls]
+        if args.baseline != 'none':
+            swept.append((args.baseline, 'timm'))
+        results = bench.resolution_sweep(swept, args.resolutions, device=args.device, memory=not args.no_memory,
+                                         iters=args.iters, warmup=max(args.warmup, 1))
+        _print_sweep(results)
+        if args.plot:
+            args.plot.parent.mkdir(parents=True, exist_ok=True)
+            bench.plot_sweep(results, args.plot)
+            print(f'wrote {args.plot}')
+    else:
+        modes = ['infer', 'train'] if args.bench == 'both' else [args.bench]
+        results = []
+        for name in models:
+            results += bench.compare(name, impls, modes, args.batch_size, args.img_size, rounds=args.rounds,
+                                     iters=args.iters, warmup=args.warmup, device=args.device,
+                                     memory=not args.no_memory)
+        _print_results(results)
+        extra['ratios'] = bench.ratios(results) if any(i.startswith('timm') for i in impls) else []
+        for row in extra['ratios']:
+            memory = f", memory x{row['memory_ratio']:.2f}" if row['memory_ratio'] is not None else ''
+            low, high = row['speedup_range']
+            print(f"{row['model']} {row['mode']}: {row['impl']} is {row['speedup']:.2f}x timm's throughput "
+                  f"(rounds: {low:.2f}-{high:.2f}){memory}")
+        if args.profile:
+            extra['profile'] = {}
+            for name in models:
+                for impl in impls:
+                    for mode in modes:
+                        if mode == 'train' and impl == 'xcit-optimized':
+                            continue
+                        model = bench.build_model(name, impl, args.img_size, args.device)
+                        step = bench.make_step(model, mode, args.batch_size, args.img_size, args.device)
+                        cats = bench.profile_categories(step)
+                        extra['profile'][f'{name}/{impl}/{mode}'] = cats
+                        print(f'{name} {impl} {mode}: ' + ', '.join(f'{k} {v:.0f} ms' for k, v in cats.items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(bench.as_json(points), indent=2))
+        args.json.write_text(json.dumps(bench.as_json(results, **extra), indent=2))
         print(f'wrote {args.json}')
+    if args.csv:
+        rows = bench.timm_rows(results) if not args.resolutions else [asdict(r) for r in results]
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.csv, 'w', newline='') as f:
+            writer = csv.DictWriter(f, sorted({k for row in rows for k in row}))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f'wrote {args.csv}')
     return 0

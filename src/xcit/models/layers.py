@@ -1,7 +1,6 @@
 """Small layers shared by the model families."""
 from __future__ import annotations
 
-import functools
 import os
 from typing import Sequence
 
@@ -19,8 +18,7 @@ import torch.nn.functional as F
 # unchanged: x @ W^T + b, then erf-GELU. `F.linear` remains the reference and the
 # path for other devices, dtypes and autocast. XCIT_ONEDNN_LINEAR=0 turns it off.
 
-@functools.lru_cache(maxsize=None)
-def onednn_linear_available() -> bool:
+def _onednn_linear_works() -> bool:
     if os.environ.get('XCIT_ONEDNN_LINEAR', '1') == '0' or not torch.backends.mkldnn.is_available():
         return False
     try:  # a private op (inductor's CPU fusion uses it): check it exists and computes what it should
@@ -31,43 +29,95 @@ def onednn_linear_available() -> bool:
         return False
 
 
-def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool = False) -> torch.Tensor:
+# decided once, at import: a plain flag that torch.compile can guard on without breaking the graph
+ONEDNN_LINEAR = _onednn_linear_works()
+
+
+@torch.library.custom_op('xcit::onednn_linear', mutates_args=())
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+    """x @ W^T + b (then exact GELU) on 2-D x. An opaque op to torch.compile, which fuses around it."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, 'gelu' if gelu else 'none', [], 'none' if gelu else '')
 
 
-class _OneDNNLinear(torch.autograd.Function):
-    """x @ W^T + b on 2-D x, its gradients also through oneDNN (strided operands need no copies)."""
+@_onednn.register_fake
+def _(x, weight, bias, gelu):
+    return x.new_empty(x.shape[0], weight.shape[0])
 
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return _onednn(x, weight, bias)
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        grad_x = _onednn(grad, weight.t().contiguous(), None) if ctx.needs_input_grad[0] else None
-        grad_w = _onednn(grad.t(), x.t(), None) if ctx.needs_input_grad[1] else None
-        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_w, grad_b
+def _onednn_setup_context(ctx, inputs, output):
+    x, weight, bias, gelu = inputs
+    if gelu:  # only used without autograd: GELU's gradient would need the pre-activation
+        raise RuntimeError('the fused GELU has no backward; call it with gelu=False under autograd')
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _onednn_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    # strided operands (grad^T, x^T) go to oneDNN as they are
+    grad_x = _onednn(grad, weight.t().contiguous(), None, False) if ctx.needs_input_grad[0] else None
+    grad_w = _onednn(grad.t(), x.t(), None, False) if ctx.needs_input_grad[1] else None
+    grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_x, grad_w, grad_b, None
+
+
+_onednn.register_autograd(_onednn_backward, setup_context=_onednn_setup_context)
+
+
+@torch.library.custom_op('xcit::onednn_mlp_gelu', mutates_args=())
+def _onednn_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fc2(GELU(h)), h = fc1(x)) on 2-D x, for training: the backward pass keeps x and h only and
+    recomputes GELU(h), as large as h, in one cheap elementwise pass instead of storing it."""
+    hidden = _onednn(x, w1, b1, False)
+    return _onednn(F.gelu(hidden), w2, b2, False), hidden
+
+
+@_onednn_mlp.register_fake
+def _(x, w1, b1, w2, b2):
+    return x.new_empty(x.shape[0], w2.shape[0]), x.new_empty(x.shape[0], w1.shape[0])
+
+
+def _onednn_mlp_setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2 = inputs
+    ctx.save_for_backward(x, w1, w2, output[1])
+
+
+def _onednn_mlp_backward(ctx, grad, _grad_hidden):
+    x, w1, w2, hidden = ctx.saved_tensors
+    grad_w2 = _onednn(grad.t(), F.gelu(hidden).t(), None, False)
+    grad_hidden = torch.ops.aten.gelu_backward(_onednn(grad, w2.t().contiguous(), None, False), hidden)
+    grad_x = _onednn(grad_hidden, w1.t().contiguous(), None, False)
+    grad_w1 = _onednn(grad_hidden.t(), x.t(), None, False)
+    return grad_x, grad_w1, grad_hidden.sum(0), grad_w2, grad.sum(0)
+
+
+_onednn_mlp.register_autograd(_onednn_mlp_backward, setup_context=_onednn_mlp_setup_context)
+
+
+def autocast_active(t: torch.Tensor) -> bool:
+    """Whether autocast will lower the precision of ops on `t` (never on the meta device FLOP counters use)."""
+    return t.device.type != 'meta' and torch.is_autocast_enabled(t.device.type)
+
+
+def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """float32 on the CPU, outside autocast: where the oneDNN path computes exactly what F.linear does."""
+    return (x.device.type == 'cpu' and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.is_autocast_enabled('cpu') and ONEDNN_LINEAR)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False
            ) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, followed by exact GELU when `gelu`, through oneDNN where that applies."""
-    fast = (x.device.type == 'cpu' and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled('cpu') and onednn_linear_available())
-    if not fast:
+    if not onednn_applies(x, weight):
         y = F.linear(x, weight, bias)
         return F.gelu(y) if gelu else y
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        y = _onednn(x2, weight, bias, gelu)  # bias and GELU fused into the GEMM
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        y = _onednn(x2, weight, bias, False)
+        y = F.gelu(y) if gelu else y
     else:
-        y = _OneDNNLinear.apply(x2, weight, bias)
-        if gelu:
-            y = F.gelu(y)
+        y = _onednn(x2, weight, bias, gelu)  # bias and GELU fused into the GEMM
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -107,15 +157,17 @@ class Mlp(nn.Module):
         self.drop1 = nn.Dropout(drop)
         self.fc2 = Linear(hidden_features, in_features)
         self.drop2 = nn.Dropout(drop)
-        # exact GELU can run inside fc1's GEMM
-        self.fuse_gelu = type(self.act) is nn.GELU and self.act.approximate == 'none'
+        # exact GELU without dropout can run inside fc1's GEMM, and the two layers as one oneDNN op
+        self.fuse_gelu = type(self.act) is nn.GELU and self.act.approximate == 'none' and drop == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fuse_gelu:
-            x = linear(x, self.fc1.weight, self.fc1.bias, gelu=True)
-        else:
-            x = self.act(self.fc1(x))
-        return self.drop2(self.fc2(self.drop1(x)))
+        if self.fuse_gelu and onednn_applies(x, self.fc1.weight):
+            if torch.is_grad_enabled() and any(t.requires_grad for t in (x, self.fc1.weight, self.fc2.weight)):
+                y, _ = _onednn_mlp(x.reshape(-1, x.shape[-1]), self.fc1.weight, self.fc1.bias, self.fc2.weight,
+                                   self.fc2.bias)
+                return y.view(*x.shape[:-1], y.shape[-1])
+            return self.fc2(linear(x, self.fc1.weight, self.fc1.bias, gelu=True))  # GELU inside fc1's GEMM
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
 def take_indices(num_blocks: int, indices: int | Sequence[int] | None) -> list[int]:

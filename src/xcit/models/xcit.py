@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ._base import ClassifierMixin, check_output_fmt
-from .layers import DropPath, Linear, Mlp, linear, take_indices
+from .layers import DropPath, Linear, Mlp, autocast_active, linear, take_indices
 from ._registry import CheckpointAdapter, WeightsGuess, register_alias, register_checkpoint_adapter, register_model
 
 __all__ = ['XCiT', 'XCiTDense', 'checkpoint_filter_fn']
@@ -98,10 +98,39 @@ class ConvPatchEmbed(nn.Module):
         self.patch_size = patch_size
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        x = self.proj(x)  # (B, D, Hp, Wp)
+        if self.training or torch.is_grad_enabled():
+            # channels-last: oneDNN convolves it without reordering, and the tokens below come out contiguous
+            x = self.proj(x.contiguous(memory_format=torch.channels_last))  # (B, D, Hp, Wp)
+        else:
+            x = self._forward_inference(x)
         Hp, Wp = x.shape[-2:]
         # contiguous tokens: otherwise every residual add keeps the conv's layout and every LayerNorm copies
         return x.flatten(2).transpose(1, 2).contiguous(), (Hp, Wp)  # (B, N, D)
+
+
+    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """`self.proj(x)` with BatchNorm folded into each conv and GELU applied in place.
+
+        The stem's first maps are the largest tensors of the whole network (16 x 112 x 112
+        per image for nano at 224); not materialising the BN and GELU outputs beside them
+        lowers the inference memory peak. Channels-last maps go through oneDNN's convolutions
+        without being reordered into a second copy.
+        """
+        x = x.contiguous(memory_format=torch.channels_last)
+        for layer in self.proj:
+            if isinstance(layer, nn.Sequential):  # conv -> BN (or Identity once folded)
+                conv, bn = layer
+                weight, bias = conv.weight, conv.bias
+                if isinstance(bn, nn.BatchNorm2d):
+                    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+                    weight = weight * scale.view(-1, 1, 1, 1)
+                    bias = bn.bias - bn.running_mean * scale + (bias * scale if bias is not None else 0)
+                x = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+            elif type(layer) is nn.GELU and layer.approximate == 'none':
+                x = torch.ops.aten.gelu_(x)
+            else:
+                x = layer(x)
+        return x
 
 
 def l2_normalize_tokens(t: torch.Tensor) -> torch.Tensor:
@@ -143,7 +172,7 @@ class XCA(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).transpose(1, 2).reshape(B, 3, self.num_heads, C // self.num_heads, N)
         q, k, v = qkv.unbind(1)  # each (B, h, d, N), contiguous along N
-        if q.dtype == torch.float32 and not torch.is_autocast_enabled(q.device.type):
+        if q.dtype == torch.float32 and not autocast_active(q):
             # sqrt of a plain sum of squares: the same norm as vector_norm, which is ~10x slower here
             norm_q = (q * q).sum(dim=-1, keepdim=True).sqrt().clamp_min(1e-12)  # (B, h, d, 1)
             norm_k = (k * k).sum(dim=-1, keepdim=True).sqrt().clamp_min(1e-12)
