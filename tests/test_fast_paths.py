@@ -110,9 +110,26 @@ def test_optimize_for_inference_compiles_without_graph_breaks_and_matches():
     assert isinstance(optimized.patch_embed.proj[0][1], nn.Identity)  # BatchNorm folded into the stem conv
     with torch.no_grad():
         assert (optimized(x) - reference).abs().max() < 1e-5
-    compiled = torch.compile(optimized, fullgraph=True)  # a graph break would raise here
+    compiled = xcit.models.compile_static(optimized, fullgraph=True)  # a graph break would raise here
     with torch.no_grad():
         assert (compiled(x) - reference).abs().max() < 1e-5
+
+
+@pytest.mark.slow
+def test_compiled_training_survives_new_shapes():
+    """A second resolution and batch size: where dynamic-shape inductor fails on XCiT's channels_last views."""
+    torch.manual_seed(0)
+    model = xcit.create_model('xcit_nano_12_p8_224', depth=2, num_classes=4)
+    compiled = xcit.models.compile_static(model)
+    for batch, height, width in ((2, 48, 48), (3, 64, 40), (2, 40, 56)):
+        x = torch.randn(batch, 3, height, width)
+        compiled(x).square().sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        model(x).square().sum().backward()
+        for compiled_grad, p in zip(grads, model.parameters()):
+            assert torch.allclose(compiled_grad, p.grad, rtol=1e-3, atol=1e-5)
+        model.zero_grad()
 
 
 def test_folding_covers_cvt_projections():

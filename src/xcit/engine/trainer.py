@@ -22,7 +22,7 @@ from ..checkpoints.io import read_checkpoint
 from ..config import Config, ConfigError, save_config
 from ..data import DataBundle, build_data, build_mixup, build_source
 from ..data.datasets import sample_seed, seed_everything
-from ..models import create_model, get_pretrained_cfg
+from ..models import compile_static, create_model, get_pretrained_cfg
 from .checkpoint import FORMAT, CheckpointWriter, restore_rng_state, rng_state
 from .distill import DistillationLoss, Renormalize, build_teacher
 from .distributed import DistEnv, all_reduce_sum, average_batchnorm_buffers, cleanup, init_distributed
@@ -164,7 +164,7 @@ def _run(config: Config, env: DistEnv, resume, load, evaluate_only: bool) -> Run
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[env.device.index] if env.device.type == 'cuda' else None)
     if config.train.compile:
-        model = torch.compile(model)
+        model = compile_static(model)
 
     accum = config.optim.accum_steps
     steps_per_epoch = len(data.train) // accum

@@ -28,6 +28,18 @@ def fold_batchnorm(model: nn.Module) -> int:
     return folded
 
 
+def compile_static(model: nn.Module, **kwargs) -> nn.Module:
+    """torch.compile with one static graph per input shape.
+
+    Under dynamic shapes, inductor (torch 2.14) cannot order the strides of a
+    channels_last view over symbolic sizes ("cannot determine truth value of
+    Relational"); XCiT's LPI, its positional encoding and timm's XCiT all hit it
+    once a second resolution or batch size makes dynamo go dynamic. A static graph
+    per shape avoids it at the price of one recompilation per new shape.
+    """
+    return torch.compile(model, dynamic=False, **kwargs)
+
+
 def optimize_for_inference(model: nn.Module, compile: bool = True) -> nn.Module:
     """The fastest inference version of `model` (same outputs within float32 rounding).
 
@@ -38,4 +50,4 @@ def optimize_for_inference(model: nn.Module, compile: bool = True) -> nn.Module:
     """
     model.eval().requires_grad_(False)
     fold_batchnorm(model)
-    return torch.compile(model) if compile else model
+    return compile_static(model) if compile else model
