@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .models import compile_static
+
 MAC_COUNTER = 'torch.utils.flop_counter (matmul + conv MACs)'
 IMPLS = ('xcit', 'xcit-compiled', 'xcit-optimized', 'timm', 'timm-compiled')
 
@@ -49,6 +51,14 @@ class Result:
     device: str
 
 
+def _compile(model: nn.Module) -> nn.Module:
+    # inductor's pool of compile workers outlives compilation and slows every later eager run on a small
+    # machine (timm's eager xcit_tiny_12_p8_224 by ~30 % on 2 cores): compile in this process instead
+    import torch._inductor.config
+    torch._inductor.config.compile_threads = 1
+    return compile_static(model)
+
+
 def build_model(name: str, impl: str, img_size: int, device: str = 'cpu') -> nn.Module:
     """`impl`: xcit (eager), xcit-compiled, xcit-optimized (optimize_for_inference), timm, timm-compiled.
 
@@ -63,12 +73,12 @@ def build_model(name: str, impl: str, img_size: int, device: str = 'cpu') -> nn.
             raise ValueError(f'{name} is not an xcit model; compare it with --impls timm')
         model = create_model(name).to(device)
         if impl == 'xcit-optimized':
-            return optimize_for_inference(model)
-        return torch.compile(model) if impl == 'xcit-compiled' else model
+            return _compile(optimize_for_inference(model, compile=False))
+        return _compile(model) if impl == 'xcit-compiled' else model
     import timm
     kwargs = {} if name.startswith('xcit') else dict(img_size=img_size)
     model = timm.create_model(name, **kwargs).to(device)
-    return torch.compile(model) if impl == 'timm-compiled' else model
+    return _compile(model) if impl == 'timm-compiled' else model
 
 
 def make_step(model: nn.Module, mode: str, batch_size: int, img_size: int, device: str) -> Callable[[], None]:
