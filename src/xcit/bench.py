@@ -300,6 +300,7 @@ def plot_sweep(results: Sequence[Result], path) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
     series: dict[str, list[Result]] = {}
@@ -318,7 +319,10 @@ def plot_sweep(results: Sequence[Result], path) -> None:
             ends = [n0, tokens[-1]]
             ax.plot(ends, [v0, v0 * ends[1] / n0], ':', color=color, alpha=0.6)
             ax.plot(ends, [v0, v0 * (ends[1] / n0) ** 2], '--', color=color, alpha=0.35)
-        ax.set(xscale='log', yscale='log', xlabel='tokens', ylabel=label)
+        ax.set(xscale='log', yscale='log', xlabel='tokens (image side in pixels)', ylabel=label)
+        sizes = sorted({(r.tokens, r.img_size) for r in results})
+        ax.set_xticks([n for n, _ in sizes], [f'{n}\n({side})' for n, side in sizes])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3, which='both')
     axes[0].plot([], [], 'k:', label='linear in tokens')
     axes[0].plot([], [], 'k--', alpha=0.4, label='quadratic in tokens')
@@ -328,28 +332,6 @@ def plot_sweep(results: Sequence[Result], path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-# --- profile ------------------------------------------------------------------------------------------
-
-PROFILE_CATEGORIES = {
-    'matmul': ('addmm', 'mm', 'bmm', 'baddbmm', 'matmul', '_linear_pointwise', 'onednn_linear'),
-    'convolution': ('convolution', 'mkldnn_convolution', 'conv2d'),
-    'memory copy': ('copy_', 'clone', 'contiguous', 'cat', 'to_copy', 'stack'),
-}
-
-
-def profile_categories(step: Callable[[], None]) -> dict[str, float]:
-    """Milliseconds of self CPU time per category (matmul, convolution, memory copy, elementwise + norms)."""
-    step()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        step()
-    totals = dict.fromkeys([*PROFILE_CATEGORIES, 'elementwise + norms'], 0.0)
-    for event in prof.key_averages():
-        op = event.key.split('::')[-1]
-        category = next((c for c, ops in PROFILE_CATEGORIES.items() if op in ops), 'elementwise + norms')
-        totals[category] += event.self_cpu_time_total / 1e3
-    return {k: round(v, 1) for k, v in totals.items()}
 
 
 def environment() -> dict:

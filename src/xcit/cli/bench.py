@@ -41,7 +41,6 @@ def add_parser(sub) -> None:
     p.add_argument('--baseline', default='deit_small_patch16_224',
                    help="token-attention model (timm) swept beside ours; 'none' to skip")
     p.add_argument('--plot', type=Path, help='with --resolutions: write the log-log PNG here')
-    p.add_argument('--profile', action='store_true', help='also print where the time goes, by kind of op')
     p.add_argument('--no-memory', action='store_true', help='skip the (slower) peak-memory measurements')
     p.add_argument('--device', default='cpu')
     p.add_argument('--json', type=Path, help='write results and their environment as JSON')
@@ -115,18 +114,6 @@ def run(args: argparse.Namespace) -> int:
             low, high = row['speedup_range']
             print(f"{row['model']} {row['mode']}: {row['impl']} is {row['speedup']:.2f}x timm's throughput "
                   f"(rounds: {low:.2f}-{high:.2f}){memory}")
-        if args.profile:
-            extra['profile'] = {}
-            for name in models:
-                for impl in impls:
-                    for mode in modes:
-                        if mode == 'train' and impl == 'xcit-optimized':
-                            continue
-                        model = bench.build_model(name, impl, args.img_size, args.device)
-                        step = bench.make_step(model, mode, args.batch_size, args.img_size, args.device)
-                        cats = bench.profile_categories(step)
-                        extra['profile'][f'{name}/{impl}/{mode}'] = cats
-                        print(f'{name} {impl} {mode}: ' + ', '.join(f'{k} {v:.0f} ms' for k, v in cats.items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(bench.as_json(results, **extra), indent=2))

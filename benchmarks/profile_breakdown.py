@@ -1,0 +1,148 @@
+"""Where a step's time goes, and how far it is from the matmul-bound floor of this CPU.
+
+    python benchmarks/profile_breakdown.py --json benchmarks/results/profile_after.json
+    PYTHONPATH=<older checkout>/src python benchmarks/profile_breakdown.py --json .../profile_before.json
+    python benchmarks/profile_breakdown.py --impl timm      # timm's implementation of the same models
+
+Each op's self time (torch.profiler) falls into one of: matmul, convolution,
+memory copy, elementwise + norms (everything else: GELU, LayerNorm, softmax,
+BatchNorm, adds). The floor is the step's matmul + conv FLOPs at the fastest
+float32 GEMM rate measured here (the best of oneDNN and torch.mm on a large
+square product): no implementation of the same maths can beat it on this CPU.
+Only `xcit.create_model` is used, so older checkouts of the package run it too.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import xcit
+
+CATEGORIES = {
+    'matmul': {'addmm', 'mm', 'bmm', 'baddbmm', 'matmul', 'linear', '_linear_pointwise', 'onednn_linear',
+               'onednn_mlp_gelu'},
+    'convolution': {'convolution', 'mkldnn_convolution', 'conv2d', '_convolution', 'convolution_backward'},
+    'memory copy': {'copy_', 'clone', 'contiguous', 'cat', '_to_copy', 'to', 'stack', 'empty_like', 'fill_',
+                    'zero_', 'zeros_like'},
+}
+OTHER = 'elementwise + norms'
+CASES = 'xcit_nano_12_p16_224:32,xcit_tiny_12_p8_224:8,xcit_small_12_p16_224:8'
+
+
+def gemm_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """The best float32 GEMM rate here, over torch.mm and oneDNN's linear."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    candidates = [lambda: torch.mm(a, b)]
+    if hasattr(torch.ops.mkldnn, '_linear_pointwise'):
+        candidates.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, 'none', [], ''))
+    best = float('inf')
+    for run in candidates:
+        try:
+            run()
+        except RuntimeError:
+            continue
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best / 1e9
+
+
+def make_step(name: str, impl: str, batch: int, img_size: int, mode: str, device: str = 'cpu'):
+    torch.manual_seed(0)
+    if impl == 'timm':
+        import timm
+        with torch.device(device):
+            model = timm.create_model(name)
+    else:
+        model = xcit.create_model(name).to(device)
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    if mode == 'infer':
+        model.eval()
+
+        def step():
+            with torch.inference_mode():
+                model(x)
+        return step
+    model.train()
+    target = torch.randint(0, 1000, (batch,), device=device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), target).backward()
+        optimizer.step()
+    return step
+
+
+def count_flops(name: str, batch: int, img_size: int, mode: str) -> float:
+    """Matmul and conv FLOPs of one step, counted on the meta device (every path takes plain PyTorch ops there)."""
+    step = make_step(name, 'xcit', batch, img_size, mode, device='meta')
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
+
+
+def profile(name: str, impl: str, batch: int, img_size: int, mode: str, peak_gflops: float, repeats: int = 5
+            ) -> dict:
+    flops = count_flops(name, batch, img_size, mode)
+    step = make_step(name, impl, batch, img_size, mode)
+    step(), step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    seconds = dict.fromkeys([*CATEGORIES, OTHER], 0.0)
+    for event in prof.key_averages():
+        op = event.key.split('::')[-1]
+        category = next((c for c, ops in CATEGORIES.items() if op in ops), OTHER)
+        seconds[category] += event.self_cpu_time_total / 1e6
+    timings = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        timings.append(time.perf_counter() - start)
+    step_ms = sorted(timings)[repeats // 2] * 1e3
+    profiled = sum(seconds.values())
+    floor_ms = flops / peak_gflops / 1e6
+    return dict(model=name, impl=impl, batch=batch, mode=mode, step_ms=round(step_ms, 1), floor_ms=round(floor_ms, 1),
+                floor_fraction=round(floor_ms / step_ms, 3), gflop=round(flops / 1e9, 2),
+                **{f'{c} %': round(100 * s / profiled, 1) for c, s in seconds.items()})
+
+
+def cpu_name() -> str:
+    with open('/proc/cpuinfo') as f:
+        return next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), platform.machine())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--json', help='write the rows and the machine here')
+    parser.add_argument('--modes', default='infer,train')
+    parser.add_argument('--cases', default=CASES, help=f'MODEL:BATCH,... (default {CASES})')
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--impl', choices=('xcit', 'timm'), default='xcit')
+    args = parser.parse_args()
+    peak = gemm_peak_gflops()
+    cases = [(case.split(':')[0], int(case.split(':')[1])) for case in args.cases.split(',')]
+    rows = [profile(name, args.impl, batch, args.img_size, mode, peak)
+            for name, batch in cases for mode in args.modes.split(',')]
+    columns = list(rows[0])
+    print(f'{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__};'
+          f' float32 GEMM peak {peak:.0f} GFLOP/s')
+    print('  '.join(f'{c:>22}' if i == 0 else f'{c:>10}' for i, c in enumerate(columns)))
+    for row in rows:
+        print('  '.join(f'{row[c]!s:>22}' if i == 0 else f'{row[c]!s:>10}' for i, c in enumerate(columns)))
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(dict(date=time.strftime('%Y-%m-%d'), cpu=cpu_name(), torch=torch.__version__, threads=torch.get_num_threads(), gemm_peak_gflops=round(peak, 1),
+                           xcit_source=xcit.__file__, rows=rows), f, indent=1)
+        print(f'wrote {args.json}')
+
+
+if __name__ == '__main__':
+    main()
