@@ -8,10 +8,10 @@ import sys
 from ..checkpoints import CheckpointError
 from ..data.datasets import UnreadableImageError
 from ..engine.trainer import TrainingDiverged
-from . import bench, convert, extract_weights, models, predict, train
+from . import attention, bench, convert, export, extract_weights, models, predict, train
 
 COMMANDS = {'train': train, 'predict': predict, 'models': models, 'convert': convert,
-            'extract-weights': extract_weights, 'bench': bench}
+            'extract-weights': extract_weights, 'attention': attention, 'export': export, 'bench': bench}
 
 
 def build_parser() -> argparse.ArgumentParser:

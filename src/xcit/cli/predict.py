@@ -19,24 +19,16 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from ..checkpoints import load_into, read_checkpoint
-    from ..checkpoints.load import extract_state_dict
     from ..config import Config
     from ..data import build_eval_transform
     from ..data.datasets import IMAGE_ERRORS
-    from ..models import create_model
-    from ..models._registry import guess_architecture
+    from ._weights import model_with_weights
 
     if args.topk < 1:
         raise ValueError('--topk must be at least 1')
-    raw = read_checkpoint(args.checkpoint)
-    state_dict = extract_state_dict(raw, source=args.checkpoint)
-    # a training checkpoint carries the run's config (model arguments, input size, normalisation) and class names
+    model, raw = model_with_weights(args.model, args.checkpoint)
+    # a training checkpoint carries the run's config (input size, normalisation) and class names
     config = Config.model_validate(raw['config']) if isinstance(raw, dict) and 'config' in raw else Config()
-    guess = guess_architecture(state_dict)
-    model = create_model(args.model, num_classes=guess.num_classes if guess else None, **config.model.kwargs)
-    load_into(model, state_dict, source=args.checkpoint)
-    model.eval()
     if args.image_size:
         config.data.image_size = args.image_size
     classes = raw.get('classes') if isinstance(raw, dict) else None

@@ -101,9 +101,13 @@ def autocast_active(t: torch.Tensor) -> bool:
 
 
 def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """float32 on the CPU, outside autocast: where the oneDNN path computes exactly what F.linear does."""
+    """float32 on the CPU, outside autocast: where the oneDNN path computes exactly what F.linear does.
+
+    Never while exporting or tracing: ONNX and TorchScript graphs keep portable ops only.
+    """
     return (x.device.type == 'cpu' and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled('cpu') and ONEDNN_LINEAR)
+            and not torch.is_autocast_enabled('cpu') and ONEDNN_LINEAR
+            and not (torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False
