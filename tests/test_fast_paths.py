@@ -51,18 +51,29 @@ def test_onednn_linear_is_used_and_can_be_turned_off(monkeypatch):
     assert not layers._onednn_linear_works()
 
 
+@pytest.mark.parametrize('impl', ['matmul', 'sdpa'])
 @pytest.mark.parametrize('tokens', [7, 196, 785])
-def test_xca_fast_path_matches_the_official_formulation(tokens):
+def test_xca_fast_path_matches_the_official_formulation(tokens, impl):
     torch.manual_seed(0)
-    xca = perturb_(XCA(96, num_heads=4), scale=0.2).eval()
+    xca = perturb_(XCA(96, num_heads=4, impl=impl), scale=0.2).eval()
     x = torch.randn(2, tokens, 96)
     with torch.no_grad():
         assert (xca(x) - xca_reference(xca, x)).abs().max() < 1e-5
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            assert torch.isfinite(xca(x * 100)).all()
 
 
-def test_xca_trains_like_the_reference():
+def test_xca_impl_is_checked_and_reaches_every_block():
+    with pytest.raises(ValueError, match='xca_impl'):
+        XCA(64, impl='flash')
+    model = xcit.create_model('xcit_nano_12_p16_224', depth=3, xca_impl='sdpa')
+    assert [block.attn.impl for block in model.blocks] == ['sdpa'] * 3
+
+
+@pytest.mark.parametrize('impl', ['matmul', 'sdpa'])
+def test_xca_trains_like_the_reference(impl):
     torch.manual_seed(0)
-    xca = perturb_(XCA(64, num_heads=2), scale=0.2)
+    xca = perturb_(XCA(64, num_heads=2, impl=impl), scale=0.2)
     x = torch.randn(2, 50, 64)
     grads = []
     for fn in (xca, lambda t: xca_reference(xca, t)):

@@ -143,6 +143,9 @@ def l2_normalize_tokens(t: torch.Tensor) -> torch.Tensor:
     return F.normalize(t.float(), dim=-1).to(t.dtype)
 
 
+XCA_IMPLS = ('matmul', 'sdpa')
+
+
 class XCA(nn.Module):
     """Cross-covariance attention: a (d x d) softmax per head, linear in the number of tokens.
 
@@ -155,11 +158,19 @@ class XCA(nn.Module):
     normalising q and k (the same value, two passes fewer); in lower precision
     q and k are normalised first, in float32, so q @ k^T stays in range.
     `xca_reference` keeps the official formulation.
+
+    `impl='sdpa'` hands the normalised q, k and v to scaled_dot_product_attention
+    with the channels as the sequence and the tokens as the feature axis. It
+    measured slower on CPUs (BENCHMARKS.md), hence the default 'matmul';
+    `xcit bench --impls xcit,xcit-sdpa` measures both on other hardware.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0):
+                 proj_drop: float = 0.0, impl: str = 'matmul'):
         super().__init__()
+        if impl not in XCA_IMPLS:
+            raise ValueError(f"xca_impl must be one of {', '.join(XCA_IMPLS)}, not {impl!r}")
+        self.impl = impl
         self.num_heads = num_heads
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
         self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
@@ -167,11 +178,14 @@ class XCA(nn.Module):
         self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def attention_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (B, h, d, d) channel attention and the values (B, h, d, N) it mixes."""
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, N, C = x.shape
         qkv = self.qkv(x).transpose(1, 2).reshape(B, 3, self.num_heads, C // self.num_heads, N)
-        q, k, v = qkv.unbind(1)  # each (B, h, d, N), contiguous along N
+        return qkv.unbind(1)  # each (B, h, d, N), contiguous along N
+
+    def attention_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (B, h, d, d) channel attention and the values (B, h, d, N) it mixes."""
+        q, k, v = self._qkv(x)
         if q.dtype == torch.float32 and not autocast_active(q):
             # sqrt of a plain sum of squares: the same norm as vector_norm, which is ~10x slower here
             norm_q = (q * q).sum(dim=-1, keepdim=True).sqrt().clamp_min(1e-12)  # (B, h, d, 1)
@@ -184,8 +198,15 @@ class XCA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        attn, v = self.attention_map(x)
-        x = (self.attn_drop(attn) @ v).reshape(B, C, N).transpose(1, 2).contiguous()  # (B, N, C)
+        if self.impl == 'sdpa':
+            q, k, v = self._qkv(x)
+            q = (l2_normalize_tokens(q) * self.temperature).to(v.dtype)
+            x = F.scaled_dot_product_attention(q, l2_normalize_tokens(k), v, scale=1.0,
+                                               dropout_p=self.attn_drop.p if self.training else 0.0)
+        else:
+            attn, v = self.attention_map(x)
+            x = self.attn_drop(attn) @ v  # (B, h, d, N)
+        x = x.reshape(B, C, N).transpose(1, 2).contiguous()  # (B, N, C)
         return self.proj_drop(self.proj(x))
 
 
@@ -230,10 +251,12 @@ class XCABlock(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
                  proj_drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
-                 act_layer=nn.GELU, norm_layer=partial(nn.LayerNorm, eps=1e-6), eta: float = 1.0):
+                 act_layer=nn.GELU, norm_layer=partial(nn.LayerNorm, eps=1e-6), eta: float = 1.0,
+                 xca_impl: str = 'matmul'):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.attn = XCA(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        self.attn = XCA(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
+                        impl=xca_impl)
         self.drop_path = DropPath(drop_path)
         self.norm3 = norm_layer(dim)
         self.local_mp = LPI(dim, act_layer=act_layer)
@@ -355,6 +378,7 @@ class _XCiTTrunk(nn.Module):
             norm_layer=None,
             eta: float = 1.0,
             use_pos_embed: bool = True,
+            xca_impl: str = 'matmul',
     ):
         super().__init__()
         if embed_dim % num_heads:
@@ -374,7 +398,8 @@ class _XCiTTrunk(nn.Module):
         self.pos_drop = nn.Dropout(pos_drop_rate)
         # stochastic depth at the same rate in every block, not a linear ramp
         self.blocks = nn.ModuleList([
-            XCABlock(embed_dim, num_heads, proj_drop=proj_drop_rate, drop_path=drop_path_rate, **self.layer_kwargs)
+            XCABlock(embed_dim, num_heads, proj_drop=proj_drop_rate, drop_path=drop_path_rate, xca_impl=xca_impl,
+                     **self.layer_kwargs)
             for _ in range(depth)])
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -420,7 +445,7 @@ class XCiT(ClassifierMixin, _XCiTTrunk):
 
         `trunk_kwargs`: patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
         qkv_bias, pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate,
-        act_layer, norm_layer, eta (LayerScale init), use_pos_embed.
+        act_layer, norm_layer, eta (LayerScale init), use_pos_embed, xca_impl ('matmul' or 'sdpa', see XCA).
         """
         super().__init__(**trunk_kwargs)
         embed_dim = self.embed_dim
