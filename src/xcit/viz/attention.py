@@ -68,7 +68,7 @@ def plot_attention(image: torch.Tensor, maps: AttentionMaps, path: str | Path, i
     H, W = picture.shape[:2]
     overlays = F.interpolate(maps.class_attention[index:index + 1], size=(H, W), mode='bilinear',
                              align_corners=False)[0]  # (h, H, W)
-    fig, axes = plt.subplots(2, heads + 1, figsize=(2.6 * (heads + 1), 5.4), squeeze=False)
+    fig, axes = plt.subplots(2, heads + 1, figsize=(2.6 * (heads + 1), 6.0), squeeze=False)
     axes[0, 0].imshow(picture)
     axes[0, 0].set_title('input')
     for h in range(heads):
