@@ -52,6 +52,11 @@ def init_distributed(device_name: str = 'auto', timeout_s: int = 1800) -> DistEn
     return DistEnv(rank, world_size, local_rank, device)
 
 
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
 def cleanup(env: DistEnv) -> None:
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()

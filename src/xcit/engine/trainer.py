@@ -25,7 +25,7 @@ from ..data.datasets import sample_seed, seed_everything
 from ..models import compile_static, create_model, get_pretrained_cfg
 from .checkpoint import FORMAT, CheckpointWriter, restore_rng_state, rng_state
 from .distill import DistillationLoss, Renormalize, build_teacher
-from .distributed import DistEnv, all_reduce_sum, average_batchnorm_buffers, cleanup, init_distributed
+from .distributed import DistEnv, all_reduce_sum, average_batchnorm_buffers, barrier, cleanup, init_distributed
 from .logbook import RunLog, plot_curves
 from .optim import build_optimizer, build_schedule, peak_lr
 
@@ -107,7 +107,10 @@ def run(config: Config, resume: str | Path | None = None, load: str | Path | Non
     """Train (or only evaluate) as `config` says; `torchrun` processes share the work."""
     env = init_distributed(config.train.device)
     try:
-        return _run(config, env, resume, load, evaluate_only)
+        result = _run(config, env, resume, load, evaluate_only)
+        # a gloo rank that tears its group down while rank 0 still writes checkpoints aborts the process
+        barrier(env)
+        return result
     finally:
         cleanup(env)
 
