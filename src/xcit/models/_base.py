@@ -1,15 +1,21 @@
 """The classifier half of timm's model API, shared by every family."""
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn as nn
 
-from .layers import Linear
+from .layers import Linear, take_indices
 
 
-def check_output_fmt(output_fmt: str) -> None:
+def plan_intermediates(num_layers: int, indices: int | Sequence[int] | None, output_fmt: str, stop_early: bool
+                       ) -> tuple[list[int], int]:
+    """For `forward_intermediates`: the layers to tap and the last one to run (all of them unless `stop_early`)."""
     if output_fmt not in ('NCHW', 'NLC'):
         raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', not {output_fmt!r}")
+    take = take_indices(num_layers, indices)
+    return take, take[-1] if stop_early else num_layers - 1
 
 
 class ClassifierMixin:

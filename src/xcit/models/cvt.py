@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ._base import ClassifierMixin, check_output_fmt
+from ._base import ClassifierMixin, plan_intermediates
 from .layers import DropPath, Linear, Mlp, take_indices
 from ._registry import CheckpointAdapter, WeightsGuess, register_checkpoint_adapter, register_model
 
@@ -394,9 +394,7 @@ class CvT(ClassifierMixin, _CvTTrunk):
         `norm` applies the final norm to the last stage's output (the only one of its width);
         unless `intermediates_only`, the final features of `forward_features` come first in the pair.
         """
-        check_output_fmt(output_fmt)
-        take = take_indices(self.num_stages, indices)
-        last = take[-1] if (stop_early or intermediates_only) else self.num_stages - 1
+        take, last = plan_intermediates(self.num_stages, indices, output_fmt, stop_early or intermediates_only)
         intermediates = []
         for i, stage in enumerate(self.stages[:last + 1]):
             x, cls_token = stage(x)  # (B, C, H, W), (B, 1, C) or None

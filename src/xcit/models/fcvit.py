@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from ._base import ClassifierMixin, check_output_fmt
+from ._base import ClassifierMixin, plan_intermediates
 from .layers import DropPath, take_indices
 from ._registry import CheckpointAdapter, WeightsGuess, register_checkpoint_adapter, register_model
 
@@ -287,9 +287,7 @@ class FCViT(ClassifierMixin, _FCViTTrunk):
         `norm` applies the final GroupNorm to the last stage's output (the only one of its width);
         unless `intermediates_only`, the final features of `forward_features` come first in the pair.
         """
-        check_output_fmt(output_fmt)
-        take = take_indices(self.num_stages, indices)
-        last = take[-1] if (stop_early or intermediates_only) else self.num_stages - 1
+        take, last = plan_intermediates(self.num_stages, indices, output_fmt, stop_early or intermediates_only)
         intermediates = []
         x = self.patch_embed(x)
         for i in range(last + 1):

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ._base import ClassifierMixin, check_output_fmt
+from ._base import ClassifierMixin, plan_intermediates
 from .layers import DropPath, Linear, Mlp, autocast_active, linear, take_indices
 from ._registry import CheckpointAdapter, WeightsGuess, register_alias, register_checkpoint_adapter, register_model
 
@@ -516,9 +516,7 @@ class XCiT(ClassifierMixin, _XCiTTrunk):
         `norm` passes them through the final norm; unless `intermediates_only`,
         the final normalised tokens (B, 1+N, D) come first in the returned pair.
         """
-        check_output_fmt(output_fmt)
-        take = take_indices(len(self.blocks), indices)
-        last = take[-1] if (stop_early or intermediates_only) else len(self.blocks) - 1
+        take, last = plan_intermediates(len(self.blocks), indices, output_fmt, stop_early or intermediates_only)
         B = x.shape[0]
         x, (Hp, Wp) = self.embed(x)
         intermediates = []
