@@ -19,7 +19,8 @@ def plan_intermediates(num_layers: int, indices: int | Sequence[int] | None, out
 
 
 class ClassifierMixin:
-    """Pooling choices, a replaceable head and `forward`, for classes that set `num_features`, `head` and `global_pool`."""
+    """Pooling choices, a replaceable head and `forward`, for classes that set `num_features`, `head`,
+    `head_drop` and `global_pool` (and `num_prefix_tokens` for token pooling; FCViT pools maps instead)."""
 
     pool_types: tuple[str, ...] = ('token', 'avg', '')
 
@@ -49,6 +50,15 @@ class ClassifierMixin:
             self.global_pool = self._check_pool(global_pool)
         self.num_classes = num_classes
         self.head = self._new_head(num_classes)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool (B, prefix + N, C) tokens, the class token or the patches' mean, and classify."""
+        if self.global_pool == 'token':
+            x = x[:, 0]  # (B, C)
+        elif self.global_pool == 'avg':
+            x = x[:, self.num_prefix_tokens:].mean(dim=1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -371,14 +371,6 @@ class CvT(ClassifierMixin, _CvTTrunk):
             x, cls_token = stage(x)  # (B, C, H, W), (B, 1, C) or None
         return self._final_tokens(x, cls_token)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == 'token':
-            x = x[:, 0]  # (B, C)
-        elif self.global_pool == 'avg':
-            x = x[:, self.num_prefix_tokens:].mean(dim=1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
-
     def forward_intermediates(
             self,
             x: torch.Tensor,

@@ -452,6 +452,7 @@ class XCiT(ClassifierMixin, _XCiTTrunk):
         self.num_classes = num_classes
         self.global_pool = self._check_pool(global_pool)
         self.img_size = img_size
+        self.num_prefix_tokens = 1  # the class token, joining after the XCA blocks
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.cls_attn_blocks = nn.ModuleList([
             ClassAttentionBlock(embed_dim, self.num_heads, proj_drop=drop_rate, tokens_norm=tokens_norm,
@@ -492,14 +493,6 @@ class XCiT(ClassifierMixin, _XCiTTrunk):
         for block in self.blocks:
             x = self.run_block(block, x, Hp, Wp)
         return self.norm(self.forward_cls(x))  # (B, 1+N, D)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        if self.global_pool == 'token':
-            x = x[:, 0]  # (B, D)
-        elif self.global_pool == 'avg':
-            x = x[:, 1:].mean(dim=1)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
 
     def forward_intermediates(
             self,
