@@ -11,7 +11,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'src'))
 
-from xcit.models import create_model, list_models  # noqa: E402
+from xcit import create_model, list_models  # noqa: E402
 
 dependencies = ['torch', 'numpy']  # what building a model imports; safetensors only to read .safetensors
 

@@ -11,7 +11,7 @@ import xcit
 from conftest import assert_same_weights, perturb_
 from xcit.checkpoints import CheckpointError
 from xcit.models import CvT, CvTFeatures, cvt_from_spec
-from xcit.models._registry import guess_architecture
+from xcit.registry import guess_architecture
 
 # the official MODEL.SPEC layout, scaled down (same structure as the golden fixture's)
 SMALL_SPEC = {

@@ -12,7 +12,7 @@ from conftest import assert_same_weights, perturb_
 from xcit.checkpoints import CheckpointError
 from xcit.models import FCViT, FCViTFeatures
 from xcit.models.fcvit import GlobalContext
-from xcit.models._registry import guess_architecture
+from xcit.registry import guess_architecture
 
 NAMES = ['fcvit_tiny', 'fcvit_b12', 'fcvit_b24', 'fcvit_b48']
 # the reference model definition's exact counts (the README's "M" are units of 2**20)

@@ -1,7 +1,8 @@
 """xcit: cross-covariance image transformers for PyTorch."""
 from .checkpoints import CheckpointError, load_checkpoint, read_checkpoint
-from .models import (CvT, FCViT, XCiT, XCiTDense, convert_sync_batchnorm, create_model, get_pretrained_cfg,
-                     is_model, list_models, optimize_for_inference)
+from .factory import create_model
+from .models import CvT, FCViT, XCiT, XCiTDense, convert_sync_batchnorm, optimize_for_inference
+from .registry import get_pretrained_cfg, is_model, list_models
 
 __version__ = '0.1.0'
 

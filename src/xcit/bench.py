@@ -66,7 +66,9 @@ def build_model(name: str, impl: str, img_size: int, device: str = 'cpu') -> nn.
     Non-xcit model names (a token-attention baseline such as deit_small_patch16_224)
     are built by timm for its impls, at `img_size` so that their position embedding fits.
     """
-    from .models import create_model, is_model, optimize_for_inference
+    from .factory import create_model
+    from .models import optimize_for_inference
+    from .registry import is_model
     if impl not in IMPLS:
         raise ValueError(f"unknown implementation {impl!r}; choose from {', '.join(IMPLS)}")
     if impl.startswith('xcit'):
@@ -121,7 +123,8 @@ def count_macs(name: str, img_size: int) -> tuple[float, float]:
     """(GMACs of one image, parameters in millions), counted on the meta device (nothing is computed)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .models import create_model, is_model
+    from .factory import create_model
+    from .registry import is_model
     with torch.device('meta'):
         if is_model(name):
             model = create_model(name).eval()
@@ -338,9 +341,9 @@ def plot_sweep(results: Sequence[Result], path) -> None:
 
 def environment() -> dict:
     """What produced a measurement: enough to tell whether two are comparable."""
-    from . import __version__
+    from importlib.metadata import version
     from .models.layers import ONEDNN_LINEAR
-    info = dict(xcit=__version__, torch=torch.__version__, python=platform.python_version(),
+    info = dict(xcit=version('xcit'), torch=torch.__version__, python=platform.python_version(),
                 machine=platform.machine(), processor=_cpu_name(), cpu_count=os.cpu_count(),
                 torch_threads=torch.get_num_threads(), onednn_linear=ONEDNN_LINEAR, mac_counter=MAC_COUNTER,
                 date=time.strftime('%Y-%m-%d'))

@@ -1,7 +1,8 @@
 """Reading, converting and loading checkpoints from every supported source."""
 from .convert import FORMATS, convert_checkpoint, extract_weights, save_state_dict
 from .hub import PretrainedUnavailableError, cached_download
-from .io import CheckpointError, read_checkpoint, sniff_format
+from .errors import CheckpointError
+from .io import read_checkpoint, sniff_format
 from .load import LoadResult, extract_state_dict, load_checkpoint, load_into, load_state_dict, read_state_dict
 
 __all__ = [

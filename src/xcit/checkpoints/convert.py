@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .io import CheckpointError, read_checkpoint, sniff_format
+from ..registry import build_model, get_checkpoint_adapter, guess_architecture
+from .errors import CheckpointError
+from .io import read_checkpoint, sniff_format
 from .load import load_into, read_state_dict
 from .paddle import from_paddle, is_paddle_layout, to_paddle, write_paddle_pickle
 
@@ -86,9 +88,6 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, model_name: str | None = None,
                        to: str | None = None, use_ema: bool = False) -> tuple[str, str]:
     """Convert `src` (any readable format) to `dst`; returns (model name, written format)."""
-    from ..models import create_model
-    from ..models._registry import get_checkpoint_adapter, guess_architecture
-
     fmt = format_for_path(dst, to)
     state_dict, label = read_state_dict(src, use_ema)
     guess = guess_architecture(state_dict)
@@ -97,7 +96,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, model_nam
             found = f' ({guess.description})' if guess else ''
             raise CheckpointError(f'{label}: cannot tell which model these weights belong to{found}; pass --model NAME')
         model_name = guess.architecture
-    model = create_model(model_name, num_classes=guess.num_classes if guess else None)
+    model = build_model(model_name, num_classes=guess.num_classes if guess else None)
     load_into(model, state_dict, strict=True, source=label)
     adapter = get_checkpoint_adapter(model)
     save_state_dict(model.state_dict(), dst, fmt, model_name=model_name, timm_fn=adapter and adapter.timm_fn)

@@ -8,7 +8,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from .io import CheckpointError
+from .errors import CheckpointError
 
 
 class PretrainedUnavailableError(CheckpointError):

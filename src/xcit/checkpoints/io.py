@@ -15,12 +15,11 @@ from typing import Any
 
 import torch
 
+from .errors import CheckpointError
+from .paddle import read_paddle_pickle
+
 # torch.save's legacy (non-zip) format starts by pickling this magic number (opcode LONG1, 10 bytes)
 _LEGACY_TORCH_MAGIC = b'\x8a\x0a' + (0x1950A86A20F9469CFC6C).to_bytes(10, 'little')
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and what is wrong with it."""
 
 
 def sniff_format(path: str | os.PathLike) -> str:
@@ -82,7 +81,6 @@ def read_checkpoint(path: str | os.PathLike) -> Any:
     if fmt == 'safetensors':
         return _safetensors_load(path)
     if fmt == 'pickle':
-        from .paddle import read_paddle_pickle
         return read_paddle_pickle(path)
     raise CheckpointError(
         f'{path}: not a checkpoint: expected a PyTorch (.pth), PaddlePaddle (.pdparams, .pd) '

@@ -9,7 +9,9 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from .io import CheckpointError, read_checkpoint
+from ..registry import get_checkpoint_adapter, guess_architecture
+from .errors import CheckpointError
+from .io import read_checkpoint
 from .paddle import from_paddle, is_paddle_layout
 
 _logger = logging.getLogger(__name__)
@@ -128,8 +130,6 @@ def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], stric
 
 def _describe_mismatch(model: nn.Module, state_dict: dict) -> str:
     """Say which model the weights look like, next to the one they were loaded into."""
-    from ..models._registry import guess_architecture
-
     ours, theirs = guess_architecture(model.state_dict()), guess_architecture(state_dict)
     if theirs is None:
         return f"\n  The checkpoint does not look like any model this package knows (first keys: {', '.join(list(state_dict)[:3])})."
@@ -164,8 +164,6 @@ def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[st
 def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True, source: str = 'state dict',
               new_classifier: bool = False) -> LoadResult:
     """Map a state dict onto the model's own layout with its family's adapter, then load it."""
-    from ..models._registry import get_checkpoint_adapter  # models import this module: resolve at call time
-
     adapter = get_checkpoint_adapter(model)
     if adapter is not None:
         state_dict = adapter.filter_fn(state_dict, model)

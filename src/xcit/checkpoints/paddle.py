@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .io import CheckpointError
+from .errors import CheckpointError
 
 # (module, name) pairs a Paddle weights file may reference; NumPy 1 and 2 spell the core module differently
 _ALLOWED_GLOBALS = {

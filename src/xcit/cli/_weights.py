@@ -15,8 +15,8 @@ def model_with_weights(name: str, checkpoint: str | None) -> tuple[nn.Module, An
     from ..checkpoints import load_into, read_checkpoint
     from ..checkpoints.load import extract_state_dict
     from ..config import Config
-    from ..models import create_model
-    from ..models._registry import guess_architecture
+    from ..factory import create_model
+    from ..registry import guess_architecture
 
     if checkpoint is None:
         return create_model(name).eval(), None

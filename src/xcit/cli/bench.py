@@ -70,7 +70,7 @@ def _print_sweep(results) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..models import is_model
+    from ..registry import is_model
     models = [m for m in args.model.split(',') if m]
     impls = [i for i in args.impls.split(',') if i]
     if args.compare == 'timm':

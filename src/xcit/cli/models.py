@@ -5,8 +5,7 @@ import argparse
 
 import torch
 
-from ..models import create_model, get_pretrained_cfg, list_models
-from ..models._registry import get_model_entry
+from ..registry import build_model, get_model_entry, get_pretrained_cfg, list_models
 
 
 def add_parser(sub) -> None:
@@ -19,7 +18,7 @@ def add_parser(sub) -> None:
 def parameter_count(name: str) -> int:
     """Counted on the meta device: no memory, no initialisation cost."""
     with torch.device('meta'):
-        return sum(p.numel() for p in create_model(name).parameters())
+        return sum(p.numel() for p in build_model(name).parameters())
 
 
 def run(args: argparse.Namespace) -> int:

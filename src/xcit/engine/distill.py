@@ -32,7 +32,8 @@ class Renormalize(nn.Module):
 def build_teacher(config: DistillConfig, num_classes: int) -> nn.Module:
     """A registered model, else a timm model, frozen and in eval mode, with its weights if given."""
     from ..checkpoints.load import load_into, load_state_dict, read_state_dict
-    from ..models import create_model, is_model
+    from ..factory import create_model
+    from ..registry import is_model
     if is_model(config.teacher):
         teacher = create_model(config.teacher, num_classes=num_classes, pretrained=config.teacher_pretrained,
                                **config.teacher_kwargs)

@@ -22,7 +22,9 @@ from ..checkpoints.io import read_checkpoint
 from ..config import Config, ConfigError, save_config
 from ..data import DataBundle, build_data, build_mixup, build_source
 from ..data.datasets import sample_seed, seed_everything
-from ..models import compile_static, create_model, get_pretrained_cfg
+from ..factory import create_model
+from ..models import compile_static
+from ..registry import get_pretrained_cfg
 from .checkpoint import FORMAT, CheckpointWriter, restore_rng_state, rng_state
 from .distill import DistillationLoss, Renormalize, build_teacher
 from .distributed import DistEnv, all_reduce_sum, average_batchnorm_buffers, barrier, cleanup, init_distributed

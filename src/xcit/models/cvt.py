@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ._base import ClassifierMixin, plan_intermediates
 from .layers import DropPath, Linear, Mlp, take_indices
-from ._registry import CheckpointAdapter, WeightsGuess, register_checkpoint_adapter, register_model
+from ..registry import CheckpointAdapter, WeightsGuess, register_checkpoint_adapter, register_model
 
 __all__ = ['CvT', 'CvTFeatures', 'QuickGELU', 'checkpoint_filter_fn', 'cvt_from_spec']
 

@@ -24,7 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ._base import ClassifierMixin, plan_intermediates
 from .layers import DropPath, take_indices
-from ._registry import CheckpointAdapter, WeightsGuess, register_checkpoint_adapter, register_model
+from ..registry import CheckpointAdapter, WeightsGuess, register_checkpoint_adapter, register_model
 
 __all__ = ['FCViT', 'FCViTFeatures', 'checkpoint_filter_fn']
 

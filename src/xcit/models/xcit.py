@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ._base import ClassifierMixin, plan_intermediates
 from .layers import DropPath, Linear, Mlp, autocast_active, linear, take_indices
-from ._registry import CheckpointAdapter, WeightsGuess, register_alias, register_checkpoint_adapter, register_model
+from ..registry import CheckpointAdapter, WeightsGuess, register_alias, register_checkpoint_adapter, register_model
 
 __all__ = ['XCiT', 'XCiTDense', 'checkpoint_filter_fn']
 

@@ -6,9 +6,10 @@ from typing import Any
 
 import torch.nn as nn
 
-from ..checkpoints.hub import cached_download
-from ..checkpoints.load import load_into, read_state_dict
-from ._registry import get_model_entry, get_pretrained_cfg
+from . import models  # noqa: F401  (registers every family)
+from .checkpoints.hub import cached_download
+from .checkpoints.load import load_into, read_state_dict
+from .registry import build_model
 
 
 def create_model(
@@ -29,13 +30,9 @@ def create_model(
     `features_only=True` (with `out_indices`) returns the dense-prediction backbone.
     Other keyword arguments go to the model's constructor.
     """
-    entry = get_model_entry(model_name)
-    cfg = get_pretrained_cfg(model_name)
-    cfg.update(pretrained_cfg_overlay or {})
-    overrides = dict(num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate)
-    kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    model = entry.builder(**kwargs)
-    model.pretrained_cfg = model.default_cfg = cfg
+    model = build_model(model_name, pretrained_cfg_overlay, num_classes=num_classes, in_chans=in_chans,
+                        drop_path_rate=drop_path_rate, **kwargs)
+    cfg = model.pretrained_cfg
 
     source = checkpoint_path
     if source is None and pretrained:

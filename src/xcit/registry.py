@@ -1,5 +1,9 @@
 """Model registry: architecture names, their pretrained weight tags, and each family's checkpoint adapter.
 
+It imports nothing else of the package, so `models` (which registers into it)
+and `checkpoints` (which asks it how to read a family's weights) both depend on
+it and never on each other's internals.
+
 Names follow timm: `<architecture>.<tag>`, where the tag names a weight source
 (`xcit_small_12_p16_224.fb_dist_in1k`). The first tag registered for an
 architecture is its default.
@@ -108,6 +112,19 @@ def get_pretrained_cfg(name: str) -> dict:
     cfg = dict(entry.cfgs.get(tag, {}))
     cfg.update(architecture=entry.name, tag=tag)
     return cfg
+
+
+def build_model(name: str, pretrained_cfg_overlay: dict | None = None, **kwargs) -> nn.Module:
+    """The architecture `name` with freshly initialised weights and its pretrained cfg attached.
+
+    Keyword arguments that are None are left to the builder's defaults; `xcit.create_model` adds weights.
+    """
+    entry = get_model_entry(name)
+    cfg = get_pretrained_cfg(name)
+    cfg.update(pretrained_cfg_overlay or {})
+    model = entry.builder(**{k: v for k, v in kwargs.items() if v is not None})
+    model.pretrained_cfg = model.default_cfg = cfg
+    return model
 
 
 def is_model(name: str) -> bool:
