@@ -1,12 +1,13 @@
 """Reading, converting and loading checkpoints from every supported source."""
 from .convert import FORMATS, convert_checkpoint, extract_weights, save_state_dict
 from .hub import PretrainedUnavailableError, cached_download
-from .errors import CheckpointError
-from .io import read_checkpoint, sniff_format
-from .load import LoadResult, extract_state_dict, load_checkpoint, load_into, load_state_dict, read_state_dict
+from .errors import CheckpointError, WriteError
+from .io import atomic_write, read_checkpoint, sniff_format
+from .load import (LoadResult, extract_state_dict, load_checkpoint, load_into, load_state_dict, nonfinite_tensors,
+                   read_state_dict)
 
 __all__ = [
-    'FORMATS', 'CheckpointError', 'LoadResult', 'PretrainedUnavailableError', 'cached_download', 'convert_checkpoint',
-    'extract_state_dict', 'extract_weights', 'load_checkpoint', 'load_into', 'load_state_dict', 'read_checkpoint',
-    'read_state_dict', 'save_state_dict', 'sniff_format',
+    'FORMATS', 'CheckpointError', 'LoadResult', 'PretrainedUnavailableError', 'WriteError', 'atomic_write',
+    'cached_download', 'convert_checkpoint', 'extract_state_dict', 'extract_weights', 'load_checkpoint', 'load_into',
+    'load_state_dict', 'nonfinite_tensors', 'read_checkpoint', 'read_state_dict', 'save_state_dict', 'sniff_format',
 ]

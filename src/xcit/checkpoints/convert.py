@@ -6,21 +6,23 @@ correctly shaped before it is written.
 """
 from __future__ import annotations
 
+import logging
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from ..registry import build_model, get_checkpoint_adapter, guess_architecture
 from .errors import CheckpointError
-from .io import read_checkpoint, sniff_format
-from .load import load_into, read_state_dict
-from .paddle import from_paddle, is_paddle_layout, to_paddle, write_paddle_pickle
+from .io import atomic_write, read_checkpoint, sniff_format
+from .load import describe_nonfinite, load_into, nonfinite_tensors, read_state_dict
+from .paddle import from_paddle, is_paddle_layout, to_numpy, to_paddle, write_paddle_pickle
 
 FORMATS = ('passl', 'timm', 'official', 'safetensors')
 SAFETENSORS_FORMAT_VERSION = '1'
 _PADDLE_SUFFIXES = ('.pdparams', '.pd')
+
+_logger = logging.getLogger(__name__)
 
 
 def format_for_path(path: str | os.PathLike, requested: str | None = None) -> str:
@@ -43,16 +45,10 @@ def format_for_path(path: str | os.PathLike, requested: str | None = None) -> st
     raise ValueError(f'cannot tell the format from {Path(path).name!r}; pass --to {"|".join(FORMATS)}')
 
 
-@contextmanager
-def atomic_path(path: Path):
-    """A temporary name to write to, renamed to `path` only once writing succeeded."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + '.tmp')
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+def _refuse_overwriting_source(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and src.exists() and os.path.samefile(src, dst):
+        raise CheckpointError(f'{dst}: is the file being read; write the result to another name')
 
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, fmt: str,
@@ -71,25 +67,38 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike
         if timm_fn is None:
             raise ValueError(f'timm has no implementation of {model_name or "this model"}: no timm layout to write')
         state_dict = timm_fn(state_dict)
-    with atomic_path(path) as tmp:
+    with atomic_write(path) as tmp:
         if fmt == 'passl':
             write_paddle_pickle(to_paddle(state_dict), tmp)
-        elif fmt == 'official':
-            torch.save({'model': state_dict}, tmp)
         elif fmt == 'safetensors' or path.suffix.lower() == '.safetensors':
-            from safetensors.torch import save_file
+            from safetensors.torch import save
             metadata = dict(format='xcit', format_version=SAFETENSORS_FORMAT_VERSION,
                             layout='timm' if fmt == 'timm' else 'xcit', model=model_name or '')
-            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp), metadata=metadata)
+            data = save({k: v.contiguous() for k, v in state_dict.items()}, metadata=metadata)
+            # written by Python, not by safetensors.save_file: that one does not report a full disk
+            with open(tmp, 'wb') as f:
+                f.write(data)
         else:
-            torch.save(state_dict, tmp)
+            # through a Python file, so a full disk is an OSError, not the zip writer's bare RuntimeError
+            with open(tmp, 'wb') as f:
+                torch.save({'model': state_dict} if fmt == 'official' else state_dict, f)
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, model_name: str | None = None,
-                       to: str | None = None, use_ema: bool = False) -> tuple[str, str]:
-    """Convert `src` (any readable format) to `dst`; returns (model name, written format)."""
+                       to: str | None = None, use_ema: bool = False, allow_nonfinite: bool = False
+                       ) -> tuple[str, str]:
+    """Convert `src` (any readable format) to `dst`; returns (model name, written format).
+
+    Weights holding NaN or infinity are refused unless `allow_nonfinite`: a converted
+    file should not pass a broken training run on as a usable one.
+    """
     fmt = format_for_path(dst, to)
+    _refuse_overwriting_source(src, dst)
     state_dict, label = read_state_dict(src, use_ema)
+    nonfinite = nonfinite_tensors(state_dict)
+    if nonfinite and not allow_nonfinite:
+        raise CheckpointError(f'{label}: {describe_nonfinite(nonfinite)}; '
+                              'pass allow_nonfinite=True (xcit convert --allow-nonfinite) to convert it anyway')
     guess = guess_architecture(state_dict)
     if model_name is None:
         if guess is None or guess.architecture is None:
@@ -110,23 +119,33 @@ def extract_weights(src: str | os.PathLike, output: str | os.PathLike, prefix: s
     Typical use: the student of a distillation checkpoint (`--prefix Student --remove-prefix`).
     A `.pdparams`/`.pd` output is in PASSL's layout, anything else in ours. Returns the entry count.
     """
+    prefix = prefix.rstrip('.')
+    if not prefix:
+        raise ValueError('the prefix is empty: name the part to keep, e.g. --prefix Student')
+    _refuse_overwriting_source(src, output)
     obj = read_checkpoint(src)
     if not isinstance(obj, dict):
         raise CheckpointError(f'{src}: expected a mapping of weights, found {type(obj).__name__}')
     obj = next((obj[k] for k in ('state_dict', 'model') if isinstance(obj.get(k), dict)), obj)
-    selected = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor) and k.startswith(prefix)}
+    # whole name parts only: 'Student' keeps 'Student.*', never 'StudentX.*' (which removing would mangle)
+    selected = {k: v for k, v in obj.items()
+                if isinstance(k, str) and isinstance(v, torch.Tensor) and k.startswith(prefix + '.')}
     if not selected:
-        heads = sorted({k.split('.')[0] for k in obj})
-        raise CheckpointError(
-            f"{src}: no entry starts with {prefix!r}; the entries start with: {', '.join(heads[:10])}")
+        heads = sorted({k.split('.')[0][:40] for k, v in obj.items()
+                        if isinstance(k, str) and isinstance(v, torch.Tensor)})
+        found = f"the tensors' names start with: {', '.join(heads[:10])}" if heads else 'it holds no named tensors'
+        raise CheckpointError(f'{src}: no entry starts with {prefix[:100]!r}; {found}')
+    nonfinite = nonfinite_tensors(selected)
+    if nonfinite:
+        _logger.warning('%s: %s', src, describe_nonfinite(nonfinite))
     if remove_prefix:
         selected = {k[len(prefix) + 1:]: v for k, v in selected.items()}
     from_passl = sniff_format(src) == 'pickle' or is_paddle_layout(selected)
     output = Path(output)
     suffix = output.suffix.lower()
     if suffix in _PADDLE_SUFFIXES and from_passl:
-        with atomic_path(output) as tmp:  # already PASSL's layout: written exactly as selected
-            write_paddle_pickle({k: v.numpy() for k, v in selected.items()}, tmp)
+        with atomic_write(output) as tmp:  # already PASSL's layout: written exactly as selected
+            write_paddle_pickle({k: to_numpy(v) for k, v in selected.items()}, tmp)
     elif suffix in _PADDLE_SUFFIXES:
         save_state_dict(selected, output, 'passl')
     else:

@@ -49,11 +49,19 @@ def extract_state_dict(obj: Any, use_ema: bool = False, source: str = 'checkpoin
         if nested is not None:
             obj = obj[nested]
     state_dict = {k: v for k, v in obj.items() if k != '__metadata__'}
+    not_names = [k for k in state_dict if not isinstance(k, str)]
+    if not_names:
+        raise CheckpointError(f'{source}: entries are named by {type(not_names[0]).__name__}s such as '
+                              f'{_short(not_names[0])}, not by parameter names; expected a state dict')
     not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(
-            f'{source}: entries {not_tensors[:5]} are not tensors; expected a state dict '
-            f"(or one under {', '.join(repr(k) for k in _WEIGHT_KEYS)})")
+            f"{source}: entries {', '.join(_short(k) for k in not_tensors[:5])} are not tensors; expected a "
+            f"state dict (or one under {', '.join(repr(k) for k in _WEIGHT_KEYS)})")
+    not_dense = [k for k, v in state_dict.items() if v.layout != torch.strided or v.is_quantized]
+    if not_dense:
+        raise CheckpointError(f"{source}: entries {', '.join(_short(k) for k in not_dense[:5])} are sparse or "
+                              'quantized tensors; only dense weights can be loaded')
     if state_dict and all(k.startswith('module.') for k in state_dict):  # saved from a DDP wrapper
         state_dict = {k[len('module.'):]: v for k, v in state_dict.items()}
     if state_dict and all(k.startswith(_DISTILL_PREFIXES) for k in state_dict):
@@ -65,12 +73,32 @@ def extract_state_dict(obj: Any, use_ema: bool = False, source: str = 'checkpoin
     return state_dict
 
 
+def _short(key: Any, limit: int = 80) -> str:
+    text = repr(key)
+    return text if len(text) <= limit else text[:limit] + '...'
+
+
+def nonfinite_tensors(state_dict: Mapping[str, Any]) -> list[str]:
+    """Names of the floating-point tensors that hold NaN or infinite values."""
+    return [k for k, v in state_dict.items()
+            if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
+            and v.layout == torch.strided and not bool(torch.isfinite(v).all())]
+
+
+def describe_nonfinite(names: list[str], limit: int = 8) -> str:
+    """'3 tensors hold NaN or infinite values (a, b, c)', naming at most `limit` of them."""
+    shown = ', '.join(names[:limit]) + (f', ... and {len(names) - limit} more' if len(names) > limit else '')
+    return f"{len(names)} tensor{'s hold' if len(names) > 1 else ' holds'} NaN or infinite values ({shown})"
+
+
 def _model_name(model: nn.Module) -> str:
     return getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
 
 
 def _listing(title: str, items: list[str], limit: int = 12) -> str:
-    shown = ', '.join(items[:limit]) + (f', ... and {len(items) - limit} more' if len(items) > limit else '')
+    # names come from the file: a hostile one could be megabytes long
+    shown = ', '.join(i if len(i) <= 120 else i[:120] + '...' for i in items[:limit])
+    shown += f', ... and {len(items) - limit} more' if len(items) > limit else ''
     return f'\n  {title} ({len(items)}): {shown}'
 
 
@@ -98,6 +126,9 @@ def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], stric
                 result.dropped_classifier.append(key)
             else:
                 result.mismatched.append(f'{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}')
+        elif own[key].is_floating_point() and not (value.is_floating_point() or value.is_complex()):
+            # integers where the model has floats: copying would convert them silently, and they are not weights
+            result.mismatched.append(f'{key}: checkpoint {value.dtype} vs model {own[key].dtype}')
         else:
             to_load[key] = value
     result.missing = [k for k in own if k not in state_dict and not k.endswith('num_batches_tracked')]
@@ -124,6 +155,9 @@ def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], stric
         if strict:
             raise CheckpointError(message)
         _logger.warning(message)
+    nonfinite = nonfinite_tensors(to_load)
+    if nonfinite:
+        _logger.warning('%s: %s; the model will compute NaN from them', source, describe_nonfinite(nonfinite))
     model.load_state_dict(to_load, strict=False)
     return result
 
@@ -132,7 +166,7 @@ def _describe_mismatch(model: nn.Module, state_dict: dict) -> str:
     """Say which model the weights look like, next to the one they were loaded into."""
     ours, theirs = guess_architecture(model.state_dict()), guess_architecture(state_dict)
     if theirs is None:
-        return f"\n  The checkpoint does not look like any model this package knows (first keys: {', '.join(list(state_dict)[:3])})."
+        return f"\n  The checkpoint does not look like any model this package knows (first keys: {', '.join(k[:80] for k in list(state_dict)[:3])})."
     if ours is not None and ours.description == theirs.description:
         return ''
     looks_like = f'{theirs.architecture} ({theirs.description})' if theirs.architecture else theirs.description

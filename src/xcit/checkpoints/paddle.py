@@ -8,8 +8,10 @@ on load is rejected before anything runs.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pickle
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -41,10 +43,19 @@ class _ForbiddenGlobal(pickle.UnpicklingError):
     pass
 
 
+def _latin1_encode(text: str, encoding: str = 'utf-8') -> bytes:
+    # protocol 2 pickles bytes as _codecs.encode(text, 'latin1'); no other codec is needed, so none is reachable
+    if not isinstance(text, str) or encoding.lower().replace('_', '-') not in ('latin1', 'latin-1'):
+        raise _ForbiddenGlobal(f'_codecs.encode with the {encoding!r} codec')
+    return text.encode('latin1')
+
+
 class _WeightsOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED_GLOBALS:
             raise _ForbiddenGlobal(f'{module}.{name}')
+        if (module, name) == ('_codecs', 'encode'):
+            return _latin1_encode
         if module.startswith(('numpy.core', 'numpy._core')):
             # load the core module of the installed NumPy, whichever spelling wrote the file
             suffix = module.split('core', 1)[1]
@@ -58,40 +69,96 @@ class _WeightsOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _to_torch(obj: Any) -> Any:
-    """Arrays -> tensors, Paddle's (name, array) pairs -> tensors, containers recursively."""
+_KIND_NAMES = {'U': 'text', 'S': 'bytes', 'O': 'Python objects', 'V': 'raw records', 'M': 'dates',
+               'm': 'time spans'}
+
+
+class _NotNumeric(Exception):
+    def __init__(self, key: str, dtype: np.dtype):
+        super().__init__(key, dtype)
+        self.key, self.dtype = key, dtype
+
+
+def _to_tensor(array: np.ndarray, key: str) -> torch.Tensor:
+    dtype = array.dtype
+    if dtype.kind not in 'biufc':  # strings, objects, records, dates: not weights
+        raise _NotNumeric(key, dtype)
+    if not dtype.isnative:  # big-endian files: the same values in the machine's byte order
+        array = array.astype(dtype.newbyteorder('='))
+    try:
+        return torch.from_numpy(np.ascontiguousarray(array))
+    except TypeError:  # numeric, but without a torch dtype (long double)
+        raise _NotNumeric(key, dtype) from None
+
+
+def _to_torch(obj: Any, key: str = '') -> Any:
+    """Arrays -> tensors, Paddle's (name, array) pairs -> tensors, containers recursively.
+
+    `key` is where `obj` sits in the file (`state_dict.backbone.cls_token`), for error messages.
+    """
     if isinstance(obj, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(obj))
+        return _to_tensor(obj, key or '(top level)')
     if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], str) and isinstance(obj[1], np.ndarray):
-        return _to_torch(obj[1])
+        return _to_torch(obj[1], key)
     if isinstance(obj, dict):
-        return {k: _to_torch(v) for k, v in obj.items()}
+        return {k: _to_torch(v, f'{key}.{k}' if key else str(k)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_torch(v) for v in obj)
+        return type(obj)(_to_torch(v, f'{key}[{i}]') for i, v in enumerate(obj))
     return obj
+
+
+def _one_line(error: BaseException) -> str:
+    """An error message as one short line: a damaged file can put anything in it, newlines included."""
+    text = ' '.join(str(error).split())
+    return text if len(text) <= 200 else text[:200] + '...'
+
+
+@contextlib.contextmanager
+def _numpy_internal_errors():
+    """Collect the errors NumPy reports through sys.unraisablehook (printed as a traceback otherwise).
+
+    A damaged dtype in a pickle can leave an array NumPy cannot clean up; it says so only there.
+    """
+    errors: list[BaseException] = []
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda info: errors.append(info.exc_value)
+    try:
+        yield errors
+    finally:
+        sys.unraisablehook = previous
 
 
 def read_paddle_pickle(path: str | Path) -> Any:
     """The file's contents with arrays as CPU tensors and Paddle's name table removed."""
     path = Path(path)
     try:
-        with open(path, 'rb') as f:
+        with open(path, 'rb') as f, _numpy_internal_errors() as internal:
             obj = _WeightsOnlyUnpickler(f, encoding='latin1').load()
+        if internal:
+            raise internal[0]
     except _ForbiddenGlobal as e:
         raise CheckpointError(
-            f'{path}: refused: the pickle references {e}, which is code, not weights; '
+            f'{path}: refused: the pickle references {_one_line(e)}, which is code, not weights; '
             f'loading it could run arbitrary commands') from None
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f'{path}: the file is truncated or corrupt ({e})') from None
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, MemoryError) as e:
-        raise CheckpointError(f'{path}: the file is truncated or corrupt ({type(e).__name__}: {e})') from None
+    except OSError as e:
+        raise CheckpointError(f'{path}: cannot read the file ({e.strerror or e})') from None
+    except Exception as e:  # a damaged pickle surfaces as almost any error type from the unpickler and NumPy
+        raise CheckpointError(
+            f'{path}: the file is truncated or corrupt ({type(e).__name__}: {_one_line(e)})') from None
     if isinstance(obj, dict):
         obj.pop(NAME_TABLE_KEY, None)
         if BIG_PARAM_KEY in obj:
             raise CheckpointError(f'{path}: parameters split into slices ({BIG_PARAM_KEY}) are not supported')
         if isinstance(obj.get('state_dict'), dict):
             obj['state_dict'].pop(NAME_TABLE_KEY, None)
-    return _to_torch(obj)
+    try:
+        return _to_torch(obj)
+    except _NotNumeric as e:
+        what = (f'{_KIND_NAMES[e.dtype.kind]} ({e.dtype.str}), not numbers' if e.dtype.kind in _KIND_NAMES
+                else f'{e.dtype.str} numbers, which PyTorch has no dtype for')
+        raise CheckpointError(f'{path}: entry {e.key[:200]!r} holds {what}: not a weights file') from None
+    except RecursionError:
+        raise CheckpointError(f'{path}: the file nests containers too deeply to be a weights file') from None
 
 
 # --- PASSL layout <-> ours -------------------------------------------------------------------------
@@ -136,8 +203,16 @@ def to_paddle(state_dict: dict) -> dict[str, np.ndarray]:
                 key = key[: -len(old)] + new
         key = 'head.fc_cls.' + key[len('head.'):] if key.startswith('head.') else 'backbone.' + key
         array = value.detach().cpu()
-        out[key] = (array.t() if array.ndim == 2 else array).contiguous().numpy()
+        out[key] = to_numpy(array.t() if array.ndim == 2 else array)
     return out
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """A contiguous NumPy copy; bfloat16, which NumPy lacks, is widened to float32 without loss."""
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    return tensor.contiguous().numpy()
 
 
 def write_paddle_pickle(obj: Any, path: str | Path) -> None:

@@ -39,9 +39,10 @@ def restore_rng_state(state: dict) -> None:
 
 
 def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + '.tmp')
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """`torch.save` that leaves the previous file intact, and no temporary one, when writing fails."""
+    from ..checkpoints.io import atomic_write
+    with atomic_write(path) as tmp, open(tmp, 'wb') as f:
+        torch.save(obj, f)  # to a Python file: a full disk raises OSError rather than the zip writer's RuntimeError
 
 
 class CheckpointWriter:
@@ -60,14 +61,12 @@ class CheckpointWriter:
         return self.last
 
     def _copy_of_last(self, name: str) -> None:
-        target = self.run_dir / name
-        tmp = target.with_name(name + '.tmp')
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(self.last, tmp)  # a hard link: the bytes are shared, and last.pth's next rename leaves them intact
-        except OSError:
-            shutil.copyfile(self.last, tmp)
-        os.replace(tmp, target)
+        from ..checkpoints.io import atomic_write
+        with atomic_write(self.run_dir / name) as tmp:
+            try:
+                os.link(self.last, tmp)  # a hard link: the bytes are shared, and last.pth's next rename leaves them intact
+            except OSError:
+                shutil.copyfile(self.last, tmp)
 
     def end_of_epoch(self, state: dict, epoch: int, is_best: bool) -> None:
         self.save_last(state)
