@@ -12,19 +12,65 @@ import ast
 import copy
 import difflib
 import os
+import reprlib
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 
 class ConfigError(ValueError):
     """An invalid configuration; the message names the offending key or file."""
 
 
+# Bounds on what a config may hold, far beyond any real one: a YAML alias bomb or a runaway
+# value is refused before it is expanded, copied or quoted in a message.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 100_000
+MAX_CONFIG_DEPTH = 32
+MAX_QUOTED_CHARS = 200
+# one batch of float32 input images per process: 16 GiB is 85 images at 4096 x 4096 or 28,000 at 224 x 224
+MAX_BATCH_BYTES = 16 << 30
+
+_quote_repr = reprlib.Repr()
+_quote_repr.maxstring = _quote_repr.maxother = MAX_QUOTED_CHARS
+_quote_repr.maxlist = _quote_repr.maxtuple = _quote_repr.maxdict = 8
+
+
+def quote(value: Any, limit: int = MAX_QUOTED_CHARS) -> str:
+    """`repr(value)` cut to about `limit` characters, without building the full repr of a huge value."""
+    text = _quote_repr.repr(value)
+    return text if len(text) <= limit else text[:limit] + '...'
+
+
+def _is_number_type(annotation: Any) -> bool:
+    """Does the annotation take ints or floats (alone, in a union, or as the items of a tuple or list)?"""
+    if annotation in (int, float):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, tuple, list):
+        return any(_is_number_type(arg) for arg in typing.get_args(annotation) if arg is not Ellipsis)
+    return False
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra='forbid', validate_assignment=True)
+
+    @field_validator('*', mode='before')
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads True as 1 and False as 0; in a config that is always a mistake
+        field = cls.model_fields.get(info.field_name)
+        if field is None or not _is_number_type(field.annotation):
+            return value
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, bool) for v in items):
+            raise ValueError('expected a number, not a boolean')
+        return value
 
 
 class ModelConfig(_Section):
@@ -41,21 +87,44 @@ class DataConfig(_Section):
     root: str | None = Field(None, description='imagefolder: folder with the split folders; labellist: image root')
     train_split: str = Field('train', description='imagefolder: sub-folder; labellist: label file')
     val_split: str = Field('val', description='imagefolder: sub-folder; labellist: label file')
-    image_size: int | None = Field(None, ge=8, description="default: the model's pretrained input size")
-    batch_size: int = Field(64, ge=1, description='per process')
-    eval_batch_size: int | None = Field(None, ge=1)
-    num_workers: int = Field(2, ge=0)
+    image_size: int | None = Field(None, ge=8, le=4096, description=(
+        "default: the model's pretrained input size; at most 4096, and one batch of float32 images "
+        "(batch_size x 3 x image_size^2 x 4 bytes) must fit in 16 GiB"))
+    batch_size: int = Field(64, ge=1, le=65536, description='per process (see image_size for the memory bound)')
+    eval_batch_size: int | None = Field(None, ge=1, le=65536)
+    num_workers: int = Field(2, ge=0, le=256)
     on_corrupt: Literal['skip', 'error'] = 'skip'
-    interpolation: str | None = Field(None, description="default: the model's (bicubic for XCiT)")
+    interpolation: Literal['nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos'] | None = Field(
+        None, description="default: the model's (bicubic for XCiT)")
     crop_pct: float | None = Field(None, gt=0, le=1)
     mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
-    digits_size: int = Field(32, ge=8, description='digits: side the 8x8 images are upsampled to')
+    std: tuple[float, float, float] | None = Field(None, description='each above 0')
+    digits_size: int = Field(32, ge=8, le=512, description=(
+        'digits: side the 8x8 images are upsampled to; all 1,797 are kept in memory, 1.4 GB at 512'))
+
+    @field_validator('std')
+    @classmethod
+    def _positive_std(cls, value):
+        if value is not None and min(value) <= 0:
+            raise ValueError('every std must be above 0 (images are divided by it)')
+        return value
+
+    @model_validator(mode='after')
+    def _batch_fits(self):
+        size = self.image_size or 224  # unset: the model's pretrained size, 224 or more
+        for key in ('batch_size', 'eval_batch_size'):
+            batch = getattr(self, key)
+            if batch is not None and batch * 3 * size * size * 4 > MAX_BATCH_BYTES:
+                raise ValueError(
+                    f'data.{key}={batch} at image_size {size}: one batch of float32 images would take '
+                    f'{batch * 3 * size * size * 4 / 2**30:.0f} GiB, more than the {MAX_BATCH_BYTES >> 30} GiB bound; '
+                    f'at this size the batch can be at most {MAX_BATCH_BYTES // (12 * size * size)}')
+        return self
 
 
 class AugmentConfig(_Section):
-    scale: tuple[float, float] = (0.08, 1.0)
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    scale: tuple[float, float] = Field((0.08, 1.0), description='(min, max) area share of the random crop, in (0, 1]')
+    ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description='(min, max) aspect ratio of the random crop')
     hflip: float = Field(0.5, ge=0, le=1)
     auto_augment: str | None = Field(None, description="timm policy string, e.g. 'rand-m9-mstd0.5-inc1'")
     color_jitter: float | None = None
@@ -68,7 +137,16 @@ class AugmentConfig(_Section):
     mixup_switch_prob: float = Field(0.5, ge=0, le=1)
     mixup_mode: Literal['batch', 'pair', 'elem'] = 'batch'
     smoothing: float = Field(0.1, ge=0, lt=1)
-    repeated_aug: int = Field(1, ge=1, description='repeats of each image per epoch (DeiT/official recipe: 3)')
+    repeated_aug: int = Field(1, ge=1, le=64, description='repeats of each image per epoch (DeiT/official recipe: 3)')
+
+    @field_validator('scale', 'ratio')
+    @classmethod
+    def _ordered_range(cls, value, info: ValidationInfo):
+        low, high = value
+        if not 0 < low <= high or (info.field_name == 'scale' and high > 1):
+            bound = '0 < min <= max <= 1' if info.field_name == 'scale' else '0 < min <= max'
+            raise ValueError(f'expected (min, max) with {bound}')
+        return value
 
 
 class OptimConfig(_Section):
@@ -76,13 +154,20 @@ class OptimConfig(_Section):
     scale_lr: bool = Field(False, description='lr * global_batch / lr_base_batch (official recipe)')
     lr_base_batch: int = Field(512, ge=1)
     weight_decay: float = Field(0.05, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = Field((0.9, 0.999), description='each in [0, 1)')
     eps: float = Field(1e-8, gt=0)
     no_decay: Literal['official', 'passl'] = Field(
         'official', description='official: 1-D params, biases, cls token; passl: names containing no_decay_names')
     no_decay_names: list[str] = Field(default_factory=lambda: ['temperature', 'pos_embed', 'cls_token', 'dist_token'])
     clip_grad: float | None = Field(None, gt=0, description='max gradient norm')
     accum_steps: int = Field(1, ge=1)
+
+    @field_validator('betas')
+    @classmethod
+    def _betas_below_one(cls, value):
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError('each beta must be in [0, 1)')
+        return value
 
 
 class ScheduleConfig(_Section):
@@ -122,7 +207,7 @@ class DistillConfig(_Section):
 class Config(_Section):
     experiment: str | None = Field(None, description='run folder name (default: the config file name)')
     output_dir: str = 'runs'
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -153,18 +238,64 @@ class Config(_Section):
 
 # --- loading -----------------------------------------------------------------------------------------
 
+def check_size(data: Any, source: str) -> None:
+    """Refuse values that expand beyond what any config holds (YAML aliases can nest one list inside another
+    until a few lines stand for billions of values): counted without expanding, shared parts once per use."""
+    stack, count = [(data, 0)], 0
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(f'{source}: more than {MAX_CONFIG_VALUES:,} values (YAML aliases expanding?); '
+                              'a config is far smaller')
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f'{source}: values nested more than {MAX_CONFIG_DEPTH} levels deep')
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+            stack.extend((k, depth + 1) for k in node)
+        elif isinstance(node, (list, tuple)):
+            stack.extend((v, depth + 1) for v in node)
+        elif isinstance(node, (str, bytes)) and len(node) > MAX_CONFIG_BYTES:
+            raise ConfigError(f'{source}: a value of {len(node):,} characters; no config value is that long')
+
+
 def _read_yaml(path: Path) -> dict:
+    if path.is_dir():
+        raise ConfigError(f'{path}: is a folder, not a config file')
     if not path.is_file():
         raise ConfigError(f'config file not found: {path}')
     try:
-        data = yaml.safe_load(path.read_text())
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f'{path}: {size:,} bytes is not a config file (the limit is {MAX_CONFIG_BYTES:,})')
+        text = path.read_bytes().decode('utf-8')
+    except UnicodeDecodeError as e:
+        raise ConfigError(f'{path}: not UTF-8 text (byte {e.start}); is it a config file?') from None
+    except OSError as e:
+        raise ConfigError(f'{path}: cannot read the file ({e.strerror or e})') from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f'{path}: not valid YAML ({str(e).splitlines()[0]})') from None
+        raise ConfigError(f'{path}: not valid YAML ({quote_line(e)})') from None
+    except RecursionError:
+        raise ConfigError(f'{path}: values nested too deeply for a config file') from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f'{path}: expected a mapping at the top level, found {type(data).__name__}')
+        raise ConfigError(f'{path}: expected a mapping (key: value lines) at the top level, '
+                          f'found {type(data).__name__}')
+    check_size(data, str(path))
     return data
+
+
+def _shorten(text: str, limit: int = MAX_QUOTED_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + '...'
+
+
+def quote_line(error: BaseException) -> str:
+    """The first line of an error message, at most MAX_QUOTED_CHARS long."""
+    lines = str(error).strip().splitlines()
+    return _shorten(lines[0] if lines else type(error).__name__)
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -183,6 +314,8 @@ def load_yaml_tree(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dic
     path = Path(path).resolve()
     if path in _seen:
         raise ConfigError(f'{path}: _base_ files include each other in a loop')
+    if len(_seen) >= MAX_CONFIG_DEPTH:
+        raise ConfigError(f'{path}: _base_ files nested more than {MAX_CONFIG_DEPTH} deep')
     data = _read_yaml(path)
     bases = data.pop('_base_', [])
     if isinstance(bases, str):
@@ -199,13 +332,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """'a.b.c=value' -> (['a', 'b', 'c'], value); values are Python literals, anything else a string."""
     key, sep, raw = text.partition('=')
     if not sep or not key.strip():
-        raise ConfigError(f'override {text!r} is not of the form key.path=value')
+        raise ConfigError(f'override {quote(text)} is not of the form key.path=value')
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f'override {quote(key.strip())}: a value of {len(raw):,} characters; '
+                          'no config value is that long')
     try:
         value = ast.literal_eval(raw.strip())
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
         value = raw.strip()
     if value == 'null':
         value = None
+    check_size(value, f'override {quote(key.strip())}')
     return key.strip().split('.'), value
 
 
@@ -217,7 +354,7 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
         for part in path[:-1]:
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: {'.'.join(path[:path.index(part) + 1])} is not a section")
+                raise ConfigError(f"override {quote(text)}: {'.'.join(path[:path.index(part) + 1])} is not a section")
             node = child
         node[path[-1]] = value
     return data
@@ -232,23 +369,41 @@ def _closest_key(loc: Sequence[str | int]) -> str | None:
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return None
         model = annotation
+    if len(str(loc[-1])) > 100:
+        return None
     matches = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1, cutoff=0.5)
     return '.'.join([*map(str, loc[:-1]), matches[0]]) if matches else None
 
 
-def _explain(error: ValidationError, source: str) -> str:
+def _explain(error: ValidationError, source: str, limit: int = 5) -> str:
+    """One line naming each wrong key (the first `limit` of them), what is wrong, and the value found."""
     lines = []
-    for item in error.errors():
+    items = error.errors()
+    for item in items[:limit]:
         loc = [str(p) for p in item['loc']]
-        key = '.'.join(loc) or '(top level)'
+        key = _shorten('.'.join(loc), 120) if loc else '(top level)'
         if item['type'] == 'extra_forbidden':
             hint = _closest_key(loc)
             lines.append(f"unknown key '{key}'" + (f"; did you mean '{hint}'?" if hint else ''))
         else:
             got = item.get('input')
-            shown = f' (got {got!r})' if not isinstance(got, dict) and got is not None else ''
-            lines.append(f"'{key}': {item['msg']}{shown}" if loc else item['msg'])
+            shown = f' (got {quote(got)})' if not isinstance(got, dict) and got is not None else ''
+            message = ' '.join(item['msg'].split()).removeprefix('Value error, ')
+            lines.append(f"'{key}': {message}{shown}" if loc else message)
+    if len(items) > limit:
+        lines.append(f'and {len(items) - limit} more')
     return f'{source}: ' + '; '.join(lines)
+
+
+def validate_config(data: Any, source: str = 'config') -> Config:
+    """A `Config` from plain data (a loaded YAML file, a checkpoint's stored config), or a one-line ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f'{source}: expected a mapping of config sections, found {type(data).__name__}')
+    check_size(data, source)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, source)) from None
 
 
 def load_config(paths: str | os.PathLike | Sequence[str | os.PathLike] = (), overrides: Sequence[str] = ()) -> Config:
@@ -261,11 +416,7 @@ def load_config(paths: str | os.PathLike | Sequence[str | os.PathLike] = (), ove
     data = apply_overrides(data, overrides)
     if paths and 'experiment' not in data:
         data['experiment'] = Path(paths[-1]).stem
-    source = ', '.join(str(p) for p in paths) or 'config'
-    try:
-        return Config.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(_explain(e, source)) from None
+    return validate_config(data, ', '.join(str(p) for p in paths) or 'config')
 
 
 def save_config(config: Config, path: str | os.PathLike) -> None:
