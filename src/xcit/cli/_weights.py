@@ -1,9 +1,35 @@
-"""Building a model for a checkpoint given on the command line."""
+"""What the commands share: a model built for a checkpoint given on the command line, and one-line errors."""
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch.nn as nn
+
+MAX_MESSAGE_CHARS = 2000
+
+
+def one_line(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """A possibly multi-line error message (a checkpoint's list of missing keys) as one line of bounded length."""
+    text = ''
+    for line in filter(None, (part.strip() for part in str(message).splitlines())):
+        if text:
+            text += ' ' if text.endswith(':') else '; '
+        text += line
+    return text if len(text) <= limit else text[:limit] + '...'
+
+
+def error(command: str, message: object) -> None:
+    """Report a problem on one stderr line, the way every command does."""
+    print(f'xcit {command}: error: {one_line(str(message))}', file=sys.stderr, flush=True)
+
+
+def run_config(raw: Any, source: str):
+    """The run config a training checkpoint stores, validated; None when the checkpoint has none."""
+    from ..config import validate_config
+    if not isinstance(raw, dict) or 'config' not in raw:
+        return None
+    return validate_config(raw['config'], f'{source} (its stored run config)')
 
 
 def model_with_weights(name: str, checkpoint: str | None) -> tuple[nn.Module, Any]:
@@ -14,16 +40,20 @@ def model_with_weights(name: str, checkpoint: str | None) -> tuple[nn.Module, An
     """
     from ..checkpoints import load_into, read_checkpoint
     from ..checkpoints.load import extract_state_dict
-    from ..config import Config
     from ..factory import create_model
-    from ..registry import guess_architecture
+    from ..registry import get_model_entry, guess_architecture
 
+    get_model_entry(name)  # an unknown name fails before a large checkpoint is read
     if checkpoint is None:
         return create_model(name).eval(), None
     raw = read_checkpoint(checkpoint)
     state_dict = extract_state_dict(raw, source=checkpoint)
-    kwargs = Config.model_validate(raw['config']).model.kwargs if isinstance(raw, dict) and 'config' in raw else {}
+    config = run_config(raw, checkpoint)
+    kwargs = config.model.kwargs if config is not None else {}
     guess = guess_architecture(state_dict)
-    model = create_model(name, num_classes=guess.num_classes if guess else None, **kwargs)
+    try:
+        model = create_model(name, num_classes=guess.num_classes if guess else None, **kwargs)
+    except TypeError as e:  # the stored model arguments do not fit this architecture
+        raise ValueError(f'{checkpoint}: its run config has model arguments {name} does not take ({e})') from None
     load_into(model, state_dict, source=checkpoint)
     return model.eval(), raw

@@ -18,10 +18,13 @@ def add_parser(sub) -> None:
     p.add_argument('--to', choices=FORMATS, help='output format (default: from DST: .pdparams -> passl, '
                                                  '.safetensors -> safetensors, .pth -> official)')
     p.add_argument('--use-ema', action='store_true', help='take the EMA weights of a training checkpoint')
+    p.add_argument('--allow-nonfinite', action='store_true',
+                   help='convert weights holding NaN or infinity too (refused by default)')
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    model_name, fmt = convert_checkpoint(args.src, args.dst, model_name=args.model, to=args.to, use_ema=args.use_ema)
+    model_name, fmt = convert_checkpoint(args.src, args.dst, model_name=args.model, to=args.to, use_ema=args.use_ema,
+                                         allow_nonfinite=args.allow_nonfinite)
     print(f'{args.src} -> {args.dst} ({model_name}, {fmt} format)')
     return 0

@@ -5,6 +5,8 @@ The batch size is always free; --dynamic-size frees the height and width too.
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 from pathlib import Path
 
 
@@ -15,8 +17,25 @@ def add_parser(sub) -> None:
     p.add_argument('--onnx', type=Path, help='write ONNX here')
     p.add_argument('--torchscript', type=Path, help='write a traced TorchScript module here')
     p.add_argument('--dynamic-size', action='store_true', help='ONNX: accept any height and width')
-    p.add_argument('--image-size', type=int, help="export size (default: the model's input size)")
+    p.add_argument('--image-size', type=int,
+                   help=f"export size, {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} (default: the model's input size)")
     p.set_defaults(run=run)
+
+
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 4096  # the range the exported graph's dynamic height and width allow
+
+
+def check_destination(path: Path, option: str) -> None:
+    """Fail before the (slow) export when the file could not be written."""
+    from ..checkpoints import WriteError
+    if path.is_dir():
+        raise ValueError(f'{option} {path}: is a folder; give the file to write')
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(e.errno, e.strerror or str(e), str(path)) from None
+    if not os.access(path.parent, os.W_OK):
+        raise WriteError(errno.EACCES, 'its folder is not writable', str(path))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,6 +44,13 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.onnx and not args.torchscript:
         raise ValueError('nothing to write: give --onnx PATH and/or --torchscript PATH')
+    if args.onnx and args.torchscript and args.onnx.resolve() == args.torchscript.resolve():
+        raise ValueError(f'--onnx and --torchscript both name {args.onnx}; one would overwrite the other')
+    if args.image_size is not None and not MIN_IMAGE_SIZE <= args.image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f'--image-size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE}, not {args.image_size}')
+    for path, option in ((args.onnx, '--onnx'), (args.torchscript, '--torchscript')):
+        if path:
+            check_destination(path, option)
     model, _ = model_with_weights(args.model, args.checkpoint)
     size = args.image_size or model.pretrained_cfg['input_size'][-1]
     if args.onnx:

@@ -9,6 +9,7 @@ from ..checkpoints import CheckpointError
 from ..data.datasets import UnreadableImageError
 from ..engine.trainer import TrainingDiverged
 from . import attention, bench, convert, export, extract_weights, models, predict, train
+from ._weights import error
 
 COMMANDS = {'train': train, 'predict': predict, 'models': models, 'convert': convert,
             'extract-weights': extract_weights, 'attention': attention, 'export': export, 'bench': bench}
@@ -29,8 +30,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args) or 0
     except (CheckpointError, ValueError, OSError) as e:
         # bad input: one line, no traceback
-        print(f'xcit {args.command}: error: {e}', file=sys.stderr)
+        error(args.command, e)
         return 2
+    except KeyboardInterrupt:
+        error(args.command, 'interrupted')
+        return 130
     except (TrainingDiverged, UnreadableImageError) as e:
         # raised in a data-loader worker, the message ends with the original error's line
         print(f'xcit {args.command}: error: {str(e).strip().splitlines()[-1]}', file=sys.stderr)

@@ -1,47 +1,75 @@
-"""`xcit predict --model NAME --checkpoint W IMAGE...`: top-k classes for each image."""
+"""`xcit predict --model NAME --checkpoint W IMAGE_OR_FOLDER...`: top-k classes for each image.
+
+A folder stands for the image files in it, in name order. An input that cannot
+be read is reported on its own line and the others are still classified; the
+exit status is then 2.
+"""
 from __future__ import annotations
 
 import argparse
 
 import torch
 
+MAX_IMAGE_SIZE = 4096
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser('predict', help='classify images', description=__doc__)
-    p.add_argument('images', nargs='+', metavar='IMAGE')
+    p.add_argument('images', nargs='+', metavar='IMAGE', help='image files, or folders of them')
     p.add_argument('--model', required=True, help='architecture, e.g. xcit_nano_12_p16_224')
     p.add_argument('--checkpoint', required=True, help='weights (any supported format, or a training checkpoint)')
     p.add_argument('--topk', type=int, default=5)
-    p.add_argument('--image-size', type=int, help="input size (default: the run's, else the model's)")
+    p.add_argument('--image-size', type=int,
+                   help=f"input size, 8 to {MAX_IMAGE_SIZE} (default: the run's, else the model's)")
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from PIL import Image
+def class_names(raw) -> list[str] | None:
+    """The class names a training checkpoint stores, when they are a list of strings."""
+    classes = raw.get('classes') if isinstance(raw, dict) else None
+    if isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes):
+        return list(classes)
+    return None
 
+
+def run(args: argparse.Namespace) -> int:
     from ..config import Config
     from ..data import build_eval_transform
-    from ..data.datasets import IMAGE_ERRORS
-    from ._weights import model_with_weights
+    from ..data.datasets import image_files, read_image
+    from ._weights import error, model_with_weights, run_config
 
     if args.topk < 1:
-        raise ValueError('--topk must be at least 1')
+        raise ValueError(f'--topk must be at least 1, not {args.topk}')
+    if args.image_size is not None and not 8 <= args.image_size <= MAX_IMAGE_SIZE:
+        raise ValueError(f'--image-size must be between 8 and {MAX_IMAGE_SIZE}, not {args.image_size}')
+    inputs = image_files(args.images)
+    failed = 0
+    for _, problem in inputs:
+        if problem is not None:
+            error(args.command, problem)
+            failed += 1
+    if failed == len(inputs):
+        return 2
     model, raw = model_with_weights(args.model, args.checkpoint)
     # a training checkpoint carries the run's config (input size, normalisation) and class names
-    config = Config.model_validate(raw['config']) if isinstance(raw, dict) and 'config' in raw else Config()
-    if args.image_size:
+    config = run_config(raw, args.checkpoint) or Config()
+    if args.image_size is not None:
         config.data.image_size = args.image_size
-    classes = raw.get('classes') if isinstance(raw, dict) else None
+    classes = class_names(raw)
     transform = build_eval_transform(config, model.pretrained_cfg)
-    for path in args.images:
+    for path, problem in inputs:
+        if problem is not None:
+            continue
         try:
-            with Image.open(path) as img:
-                x = transform(img.convert('RGB'))[None]
-        except (FileNotFoundError, *IMAGE_ERRORS) as e:
-            raise ValueError(f'{path}: cannot read the image ({e})') from None
+            x = transform(read_image(path))[None]
+        except ValueError as e:
+            error(args.command, e)
+            failed += 1
+            continue
         with torch.no_grad():
             probs = model(x).softmax(dim=1)[0]
         top = probs.topk(min(args.topk, probs.numel()))
         labels = [classes[i] if classes and i < len(classes) else str(i) for i in top.indices.tolist()]
-        print(path + ': ' + ', '.join(f'{label} {p:.3f}' for label, p in zip(labels, top.values.tolist())))
-    return 0
+        print(path + ': ' + ', '.join(f'{label} {p:.3f}' for label, p in zip(labels, top.values.tolist())),
+              flush=True)
+    return 2 if failed else 0

@@ -19,8 +19,8 @@ from PIL import Image, UnidentifiedImageError
 
 from ..config import ConfigError
 
-# what PIL raises for truncated, corrupt or non-image files
-IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
+# what PIL raises for truncated, corrupt or non-image files, and for headers declaring a decompression bomb
+IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class SampleSource:
@@ -66,6 +66,41 @@ def image_folder(root: str | os.PathLike) -> FileSource:
     except FileNotFoundError as e:
         raise ConfigError(f'{root}: {e}') from None
     return FileSource(samples, classes)
+
+
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """The image at `path` in RGB; any reason it cannot be read is a ValueError naming the file, on one line."""
+    try:
+        with Image.open(path) as img:
+            return img.convert('RGB')
+    except IMAGE_ERRORS as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else ' '.join(str(e).split())[:200]
+        raise ValueError(f'{path}: cannot read the image ({reason})') from None
+
+
+def image_files(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, str | None]]:
+    """Files and folders given on a command line, as (image path, None) or (input, why it has no image).
+
+    A folder stands for its image files (torchvision's extensions, any case), sorted by name.
+    """
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+    found: list[tuple[str, str | None]] = []
+    for item in map(str, inputs):
+        path = Path(item)
+        if path.is_dir():
+            try:
+                images = sorted(str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+            except OSError as e:
+                found.append((item, f'{item}: cannot list the folder ({e.strerror or e})'))
+                continue
+            found.extend((image, None) for image in images)
+            if not images:
+                found.append((item, f"{item}: no image files ({', '.join(IMG_EXTENSIONS[:4])}, ...) in this folder"))
+        elif not path.exists():
+            found.append((item, f'{item}: no such file or folder'))
+        else:
+            found.append((item, None))
+    return found
 
 
 def label_list(root: str | os.PathLike, list_file: str | os.PathLike) -> FileSource:
