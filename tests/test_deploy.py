@@ -103,9 +103,11 @@ def test_onnx_export_without_dynamic_size_fixes_height_and_width(tmp_path):
 def test_torchscript_export_runs_without_custom_ops(tmp_path):
     torch.manual_seed(0)
     model = perturb_(xcit.create_model('xcit_nano_12_p16_224', depth=2)).eval()
+    path_before = xcit.models.get_fast_path(model)
     path = xcit.export.export_torchscript(model, tmp_path / 'model.pt', image_size=(64, 64))
     loaded = torch.jit.load(str(path))
     assert 'xcit::' not in str(loaded.inlined_graph)  # portable ops only
+    assert xcit.models.get_fast_path(model) == path_before  # the model itself is back on its own path
     images = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         assert (loaded(images) - model(images)).abs().max() < 1e-5

@@ -1,4 +1,9 @@
-"""Every fast path against the reference maths it replaces: equal within 1e-5 in float32, finite in bf16."""
+"""Every fast path against the reference maths it replaces (equal within 1e-5 in float32, finite in bf16),
+and which path a model takes: chosen when it is built, shown by print(model), switched by set_fast_path."""
+import copy
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -6,10 +11,13 @@ import torch.nn.functional as F
 
 import xcit
 from conftest import perturb_
-from xcit.models import layers
+from xcit.models import get_fast_path, layers, set_fast_path
 from xcit.models.xcit import XCA, xca_reference
 
+needs_onednn = pytest.mark.skipif(not layers._onednn_linear_works(), reason='this PyTorch build has no oneDNN linear')
 
+
+@needs_onednn
 @pytest.mark.parametrize('gelu', [False, True])
 @pytest.mark.parametrize('bias', [False, True])
 def test_onednn_linear_matches_f_linear_forward_and_backward(gelu, bias):
@@ -27,28 +35,111 @@ def test_onednn_linear_matches_f_linear_forward_and_backward(gelu, bias):
         out.backward(grad)
         return out.detach(), [t.grad.clone() for t in (x, w, b) if t is not None]
 
-    fast_out, fast_grads = run(lambda x, w, b: layers.linear(x, w, b, gelu=gelu))
+    fast_out, fast_grads = run(lambda x, w, b: layers.linear(x, w, b, gelu=gelu, impl='onednn'))
     ref_out, ref_grads = run(lambda x, w, b: F.gelu(F.linear(x, w, b)) if gelu else F.linear(x, w, b))
     assert torch.allclose(fast_out, ref_out, atol=1e-5)
     for a, r in zip(fast_grads, ref_grads):
         assert torch.allclose(a, r, atol=1e-4, rtol=1e-5)
     with torch.no_grad():  # inference: bias and GELU fused into the GEMM
-        assert torch.allclose(layers.linear(x, w, b, gelu=gelu), ref_out, atol=1e-5)
+        assert torch.allclose(layers.linear(x, w, b, gelu=gelu, impl='onednn'), ref_out, atol=1e-5)
 
 
-def test_onednn_linear_is_used_and_can_be_turned_off(monkeypatch):
-    if not layers.ONEDNN_LINEAR:
-        pytest.skip('this PyTorch build has no oneDNN linear')
+@needs_onednn
+@pytest.mark.parametrize('train', [False, True])
+def test_fused_mlp_matches_its_modules(train):
+    """The MLP as one oneDNN op (training: GELU recomputed in the backward pass) or with GELU in fc1's GEMM."""
+    torch.manual_seed(0)
+    mlp = perturb_(layers.Mlp(32, 96), scale=0.2)
+    x = torch.randn(2, 11, 32, requires_grad=train)
+    reference = mlp.fc2(F.gelu(F.linear(x, mlp.fc1.weight, mlp.fc1.bias)))
+    with torch.set_grad_enabled(train):
+        out = mlp(x)
+    assert torch.allclose(out, reference, atol=1e-5)
+    if train:
+        grads = torch.autograd.grad(out.square().sum(), [x, *mlp.parameters()])
+        expected = torch.autograd.grad(reference.square().sum(), [x, *mlp.parameters()])
+        assert all(torch.allclose(a, b, atol=1e-4, rtol=1e-4) for a, b in zip(grads, expected))
+
+
+def _count_onednn_calls(monkeypatch) -> list:
     calls = []
-    monkeypatch.setattr(layers, '_onednn', lambda *a, **k: calls.append(1) or F.linear(*a[:3]))
-    layers.linear(torch.randn(2, 4), torch.randn(3, 4))
-    assert calls
-    calls.clear()
-    with torch.autocast('cpu', dtype=torch.bfloat16):  # autocast keeps PyTorch's own matmul
-        assert layers.linear(torch.randn(2, 4), torch.randn(3, 4)).dtype == torch.bfloat16
-    assert not calls
-    monkeypatch.setenv('XCIT_ONEDNN_LINEAR', '0')
-    assert not layers._onednn_linear_works()
+    original = layers._onednn
+    monkeypatch.setattr(layers, '_onednn', lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+@needs_onednn
+def test_the_path_is_chosen_at_build_time_shown_and_switched_for_the_whole_model(monkeypatch):
+    model = xcit.create_model('xcit_nano_12_p16_224', depth=2).eval()
+    assert get_fast_path(model) == 'onednn' and 'impl=onednn' in repr(model)
+    assert all(m.impl == 'onednn' for m in model.modules() if isinstance(m, layers.Linear))
+    calls = _count_onednn_calls(monkeypatch)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        fast = model(x)
+        assert calls
+        calls.clear()
+        set_fast_path(model, 'reference')
+        assert get_fast_path(model) == 'reference' and 'impl=onednn' not in repr(model)
+        assert 'impl=reference' in repr(model)
+        plain = model(x)
+    assert not calls and torch.allclose(fast, plain, atol=1e-5)
+    model.reset_classifier(3)  # a new head joins the model's path
+    assert get_fast_path(model) == 'reference'
+    with pytest.raises(ValueError, match='fast path'):
+        set_fast_path(model, 'mkl')
+    monkeypatch.setenv('XCIT_ONEDNN_LINEAR', '0')  # read when a model is built
+    assert get_fast_path(xcit.create_model('cvt_13_224')) == 'reference'
+
+
+@needs_onednn
+def test_only_cpu_float32_outside_autocast_takes_the_onednn_op(monkeypatch):
+    calls = _count_onednn_calls(monkeypatch)
+    x, w = torch.randn(2, 4), torch.randn(3, 4)
+    layers.linear(x, w, impl='onednn')
+    assert len(calls) == 1
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # autocast keeps PyTorch's own lower-precision matmul
+        assert layers.linear(x, w, impl='onednn').dtype == torch.bfloat16
+    assert layers.linear(x.double(), w.double(), impl='onednn').dtype == torch.float64
+    with torch.device('meta'):  # what the FLOP counters run on
+        assert layers.linear(torch.empty(2, 4), torch.empty(3, 4), impl='onednn').shape == (2, 3)
+    assert len(calls) == 1
+
+
+def _fresh_python(code: str) -> list[str]:
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def test_importing_and_building_draw_nothing_extra_from_the_global_generator():
+    """Importing xcit draws nothing from torch's global generator, and the oneDNN probe (at the first build) neither."""
+    imported, built = _fresh_python(
+        'import torch\n'
+        'torch.manual_seed(0)\n'
+        'import xcit\n'
+        'print(torch.rand(3).tolist())\n'
+        'torch.manual_seed(0)\n'
+        "xcit.create_model('xcit_nano_12_p16_224', depth=1)  # the first build: the probe runs\n"
+        'print(torch.rand(3).tolist())\n')
+    assert imported == str(torch.rand(3, generator=torch.Generator().manual_seed(0)).tolist())
+    layers._onednn_linear_works()  # probed here already: this build draws only the initialisation
+    torch.manual_seed(0)
+    xcit.create_model('xcit_nano_12_p16_224', depth=1)
+    assert built == str(torch.rand(3).tolist())
+
+
+def test_the_probe_runs_once_on_real_tensors_whatever_context_the_first_build_is_in():
+    """A first build on the meta device under autocast (as FLOP counters build) still finds oneDNN if it works."""
+    path, probes = _fresh_python(
+        'import torch, xcit\n'
+        'from xcit.models import layers\n'
+        "with torch.device('meta'), torch.autocast('cpu', dtype=torch.bfloat16):\n"
+        "    xcit.create_model('xcit_nano_12_p16_224', depth=1)\n"
+        "xcit.create_model('cvt_13_224')\n"
+        'print(layers.default_fast_path())\n'
+        'print(layers._onednn_linear_works.cache_info().misses)\n')
+    assert path == ('onednn' if layers._onednn_linear_works() else 'reference') and probes == '1'
 
 
 @pytest.mark.parametrize('impl', ['matmul', 'sdpa'])
@@ -84,19 +175,42 @@ def test_xca_trains_like_the_reference(impl):
         assert torch.allclose(fast, ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize('name', ['xcit_nano_12_p16_224', 'xcit_tiny_12_p8_224'])
+def _plain_copy(model: nn.Module, monkeypatch) -> nn.Module:
+    """The same weights computed plainly: F.linear everywhere, XCA in the official token-major formulation."""
+    plain = set_fast_path(copy.deepcopy(model), 'reference')
+    monkeypatch.setattr(XCA, 'forward', lambda self, t: xca_reference(self, t))
+    return plain
+
+
+@pytest.mark.parametrize('name', ['xcit_nano_12_p16_224', 'xcit_tiny_12_p8_224', 'cvt_13_224', 'fcvit_tiny'])
 def test_whole_model_fast_paths_match_plain_pytorch(name, monkeypatch):
-    """The model with every fast path (oneDNN GEMMs, channel-major XCA) against the same weights computed plainly."""
+    """The model on its default path (oneDNN GEMMs, channel-major XCA) against the same weights computed plainly."""
     torch.manual_seed(0)
     model = perturb_(xcit.create_model(name)).eval()
     x = torch.randn(2, 3, 112, 96)
     with torch.no_grad():
         fast = model(x)
-    monkeypatch.setattr(layers, 'ONEDNN_LINEAR', False)
-    monkeypatch.setattr(XCA, 'forward', lambda self, t: xca_reference(self, t))
-    with torch.no_grad():
-        plain = model(x)
+        plain = _plain_copy(model, monkeypatch)(x)
     assert (fast - plain).abs().max() < 1e-5 * max(1.0, plain.abs().max().item())
+
+
+def test_training_fast_paths_give_the_reference_gradients(monkeypatch):
+    """oneDNN GEMMs, the MLP that recomputes GELU, channel-major XCA: the same gradients as plain PyTorch."""
+    torch.manual_seed(0)
+    model = perturb_(xcit.create_model('xcit_nano_12_p16_224', num_classes=10))
+    model.eval()  # fixed BatchNorm statistics, so both passes compute the same function
+    x, target = torch.randn(2, 3, 64, 48), torch.tensor([1, 7])
+
+    def grads(m):
+        m.zero_grad()
+        F.cross_entropy(m(x), target).backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    fast = grads(model)
+    plain = grads(_plain_copy(model, monkeypatch))
+    for name in plain:
+        scale = max(plain[name].abs().max().item(), 1e-3)
+        assert (fast[name] - plain[name]).abs().max() / scale < 1e-4, name
 
 
 def test_fast_paths_stay_finite_in_bf16():
@@ -143,13 +257,15 @@ def test_compiled_training_survives_new_shapes():
         model.zero_grad()
 
 
-def test_folding_covers_cvt_projections():
-    model = xcit.create_model('cvt_13_224').eval()
-    x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        reference = model(x)
-        assert xcit.models.fold_batchnorm(model) == 39  # one per q/k/v projection of 13 blocks
-        assert (model(x) - reference).abs().max() < 1e-5
+def test_folding_covers_the_xcit_stem_and_cvt_projections():
+    for name, x, folds in (('cvt_13_224', torch.randn(1, 3, 64, 64), 39),  # one per q/k/v projection of 13 blocks
+                           ('xcit_tiny_12_p16_224', torch.randn(2, 3, 80, 72), 4)):  # the 4 stem units
+        torch.manual_seed(0)
+        model = perturb_(xcit.create_model(name)).eval()
+        with torch.no_grad():
+            reference = model(x)
+            assert xcit.models.fold_batchnorm(model) == folds
+            assert (model(x) - reference).abs().max() < 1e-5 * max(1.0, reference.abs().max().item())
 
 
 def test_stem_inference_path_matches_its_modules():
@@ -165,24 +281,3 @@ def test_stem_inference_path_matches_its_modules():
     xcit.models.fold_batchnorm(model)  # already folded: the inference path runs the plain convs
     with torch.no_grad():
         assert (model.patch_embed(x)[0] - reference).abs().max() < 1e-5
-
-
-def test_training_fast_paths_give_the_reference_gradients(monkeypatch):
-    """oneDNN GEMMs, the MLP that recomputes GELU, channel-major XCA: the same gradients as plain PyTorch."""
-    torch.manual_seed(0)
-    model = perturb_(xcit.create_model('xcit_nano_12_p16_224', num_classes=10))
-    model.eval()  # fixed BatchNorm statistics, so both passes compute the same function
-    x, target = torch.randn(2, 3, 64, 48), torch.tensor([1, 7])
-
-    def grads():
-        model.zero_grad()
-        F.cross_entropy(model(x), target).backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    fast = grads()
-    monkeypatch.setattr(layers, 'ONEDNN_LINEAR', False)
-    monkeypatch.setattr(XCA, 'forward', lambda self, t: xca_reference(self, t))
-    plain = grads()
-    for name in plain:
-        scale = max(plain[name].abs().max().item(), 1e-3)
-        assert (fast[name] - plain[name]).abs().max() / scale < 1e-4, name

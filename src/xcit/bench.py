@@ -342,11 +342,11 @@ def plot_sweep(results: Sequence[Result], path) -> None:
 def environment() -> dict:
     """What produced a measurement: enough to tell whether two are comparable."""
     from importlib.metadata import version
-    from .models.layers import ONEDNN_LINEAR
+    from .models import default_fast_path
     info = dict(xcit=version('xcit'), torch=torch.__version__, python=platform.python_version(),
                 machine=platform.machine(), processor=_cpu_name(), cpu_count=os.cpu_count(),
-                torch_threads=torch.get_num_threads(), onednn_linear=ONEDNN_LINEAR, mac_counter=MAC_COUNTER,
-                date=time.strftime('%Y-%m-%d'))
+                torch_threads=torch.get_num_threads(), onednn_linear=default_fast_path() == 'onednn',
+                mac_counter=MAC_COUNTER, date=time.strftime('%Y-%m-%d'))
     try:
         import timm
         info['timm'] = timm.__version__

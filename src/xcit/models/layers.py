@@ -1,6 +1,7 @@
 """Small layers shared by the model families."""
 from __future__ import annotations
 
+import functools
 import os
 from typing import Sequence
 
@@ -15,22 +16,61 @@ import torch.nn.functional as F
 # ships for its convolutions, multiplies the same matrices about twice as fast on
 # some CPUs (measured on AMD EPYC with AVX-512: 2.2x for every GEMM shape of these
 # models) and can apply the bias and an exact GELU in the same pass. The maths is
-# unchanged: x @ W^T + b, then erf-GELU. `F.linear` remains the reference and the
-# path for other devices, dtypes and autocast. XCIT_ONEDNN_LINEAR=0 turns it off.
+# unchanged: x @ W^T + b, then erf-GELU.
+#
+# Each `Linear` says which path it takes (`impl`, shown by print(model)): 'onednn', or
+# 'reference' (`F.linear`, the readable maths and the portable graph for export).
+# A model is built on `default_fast_path()` and switched as a whole by `set_fast_path`.
 
+FAST_PATHS = ('onednn', 'reference')
+
+
+@functools.cache
 def _onednn_linear_works() -> bool:
-    if os.environ.get('XCIT_ONEDNN_LINEAR', '1') == '0' or not torch.backends.mkldnn.is_available():
+    """Whether this PyTorch build has oneDNN's fused linear and it computes F.linear + GELU (probed once)."""
+    if not torch.backends.mkldnn.is_available():
         return False
+    # fixed CPU float32 values, whatever device, dtype or autocast context the first model is built under,
+    # and no draw from the global random generator
+    x = torch.linspace(-2.0, 2.0, 12, device='cpu').reshape(3, 4)
+    w = torch.linspace(-1.0, 1.5, 20, device='cpu').reshape(5, 4)
+    b = torch.linspace(0.5, -0.5, 5, device='cpu')
     try:  # a private op (inductor's CPU fusion uses it): check it exists and computes what it should
-        x, w, b = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5)
-        y = torch.ops.mkldnn._linear_pointwise(x, w, b, 'gelu', [], 'none')
-        return bool(torch.allclose(y, F.gelu(F.linear(x, w, b)), atol=1e-5))
+        with torch.no_grad(), torch.autocast('cpu', enabled=False):
+            y = torch.ops.mkldnn._linear_pointwise(x, w, b, 'gelu', [], 'none')
+            return bool(torch.allclose(y, F.gelu(F.linear(x, w, b)), atol=1e-5))
     except (AttributeError, RuntimeError):
         return False
 
 
-# decided once, at import: a plain flag that torch.compile can guard on without breaking the graph
-ONEDNN_LINEAR = _onednn_linear_works()
+def default_fast_path() -> str:
+    """'onednn' where that op works here, unless XCIT_ONEDNN_LINEAR=0; else 'reference'. Read when a model is built."""
+    if os.environ.get('XCIT_ONEDNN_LINEAR', '1') == '0' or not _onednn_linear_works():
+        return 'reference'
+    return 'onednn'
+
+
+def _check_path(path: str) -> str:
+    if path not in FAST_PATHS:
+        raise ValueError(f"fast path must be one of {', '.join(FAST_PATHS)}, not {path!r}")
+    return path
+
+
+def set_fast_path(model: nn.Module, path: str) -> nn.Module:
+    """Put every `Linear` of `model` on `path` ('onednn' or 'reference'); returns the model."""
+    _check_path(path)
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.impl = path
+    return model
+
+
+def get_fast_path(model: nn.Module) -> str | None:
+    """The path the Linear layers of `model` take (None if it has none)."""
+    paths = {module.impl for module in model.modules() if isinstance(module, Linear)}
+    if len(paths) > 1:
+        raise ValueError(f'the Linear layers take different paths ({", ".join(sorted(paths))}); see set_fast_path')
+    return next(iter(paths), None)
 
 
 @torch.library.custom_op('xcit::onednn_linear', mutates_args=())
@@ -100,24 +140,26 @@ def autocast_active(t: torch.Tensor) -> bool:
     return t.device.type != 'meta' and torch.is_autocast_enabled(t.device.type)
 
 
-def onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """float32 on the CPU, outside autocast: where the oneDNN path computes exactly what F.linear does.
+def _onednn_mode(x: torch.Tensor, *weights: torch.Tensor) -> str | None:
+    """How the oneDNN op can take these operands: None where it cannot compute what F.linear would
+    (it is a CPU float32 kernel: another device, dtype or autocast's lower precision), 'train' where
+    autograd will need its backward, else 'infer' (where bias and GELU fuse into the GEMM)."""
+    if x.device.type != 'cpu' or x.dtype != torch.float32 or torch.is_autocast_enabled('cpu') or any(
+            w.dtype != torch.float32 for w in weights):
+        return None
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
+    return 'train' if needs_grad else 'infer'
 
-    Never while exporting or tracing: ONNX and TorchScript graphs keep portable ops only.
-    """
-    return (x.device.type == 'cpu' and x.dtype == torch.float32 and weight.dtype == torch.float32
-            and not torch.is_autocast_enabled('cpu') and ONEDNN_LINEAR
-            and not (torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()))
 
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False
-           ) -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, followed by exact GELU when `gelu`, through oneDNN where that applies."""
-    if not onednn_applies(x, weight):
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False,
+           impl: str = 'reference') -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, followed by exact GELU when `gelu`; through oneDNN with impl='onednn'."""
+    mode = _onednn_mode(x, weight) if impl == 'onednn' else None
+    if mode is None:
         y = F.linear(x, weight, bias)
         return F.gelu(y) if gelu else y
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    if mode == 'train':
         y = _onednn(x2, weight, bias, False)
         y = F.gelu(y) if gelu else y
     else:
@@ -126,10 +168,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 class Linear(nn.Linear):
-    """nn.Linear (same parameters and state-dict keys) computed by `linear`."""
+    """nn.Linear (same parameters and state-dict keys) computed by `linear` on the path `impl` names."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 impl: str | None = None):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.impl = _check_path(impl or default_fast_path())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return f'{super().extra_repr()}, impl={self.impl}'
 
 
 class DropPath(nn.Module):
@@ -165,12 +215,14 @@ class Mlp(nn.Module):
         self.fuse_gelu = type(self.act) is nn.GELU and self.act.approximate == 'none' and drop == 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fuse_gelu and onednn_applies(x, self.fc1.weight):
-            if torch.is_grad_enabled() and any(t.requires_grad for t in (x, self.fc1.weight, self.fc2.weight)):
-                y, _ = _onednn_mlp(x.reshape(-1, x.shape[-1]), self.fc1.weight, self.fc1.bias, self.fc2.weight,
-                                   self.fc2.bias)
-                return y.view(*x.shape[:-1], y.shape[-1])
-            return self.fc2(linear(x, self.fc1.weight, self.fc1.bias, gelu=True))  # GELU inside fc1's GEMM
+        onednn = self.fuse_gelu and self.fc1.impl == 'onednn'
+        mode = _onednn_mode(x, self.fc1.weight, self.fc2.weight) if onednn else None
+        if mode == 'train':  # one op that recomputes GELU in the backward pass
+            y, _ = _onednn_mlp(x.reshape(-1, x.shape[-1]), self.fc1.weight, self.fc1.bias, self.fc2.weight,
+                               self.fc2.bias)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        if mode == 'infer':
+            return self.fc2(linear(x, self.fc1.weight, self.fc1.bias, gelu=True, impl='onednn'))  # GELU in fc1's GEMM
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
 
 
