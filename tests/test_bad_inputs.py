@@ -6,6 +6,7 @@ import pickle
 import random
 import struct
 import time
+import warnings
 import zlib
 from pathlib import Path
 
@@ -243,9 +244,16 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused():
 def test_other_nonsense_values_are_refused():
     for override, needle in [('data.std=(0.5, 0.0, 0.5)', 'std'), ('augment.scale=(0.9, 0.1)', 'min <= max'),
                              ('data.interpolation="cubic"', 'bicubic'), ('seed=-1', 'seed'),
-                             ('optim.betas=(0.9, 1.5)', 'beta'), ('data.num_workers=-1', 'num_workers')]:
+                             ('optim.betas=(0.9, 1.5)', 'beta'), ('data.num_workers=-1', 'num_workers'),
+                             ('optim.lr=1e999', 'finite')]:
         with pytest.raises(ConfigError, match=needle):
             load_config([], [override])
+
+
+def test_yaml_nan_and_infinity_are_refused(tmp_path):
+    for text in ('augment: {mixup: .nan}\n', 'schedule: {warmup_epochs: .inf}\n'):
+        with pytest.raises(ConfigError, match='finite number'):
+            load_config(_write(tmp_path / 'c.yaml', text))
 
 
 # --- 5. Booleans are not numbers -----------------------------------------------------------------
@@ -498,10 +506,13 @@ def test_damaged_checkpoints_only_ever_raise_checkpoint_errors(tmp_path, model):
                 else:
                     damaged = damaged[:max(i, 1)]
             (tmp_path / 'damaged.bin').write_bytes(damaged)
-            try:
-                read_checkpoint(tmp_path / 'damaged.bin')
-            except CheckpointError as e:
-                assert '\n' not in str(e) and len(str(e)) < 600, (name, str(e))
+            with warnings.catch_warnings(record=True) as caught:  # a warning would be a second stderr line
+                warnings.simplefilter('always')
+                try:
+                    read_checkpoint(tmp_path / 'damaged.bin')
+                except CheckpointError as e:
+                    assert '\n' not in str(e) and len(str(e)) < 600, (name, str(e))
+            assert not caught, (name, [str(w.message)[:100] for w in caught])
 
 
 @pytest.mark.parametrize('case', ['empty', 'truncated', 'folder', 'missing', 'text', 'int-keys', 'other-model',
@@ -615,3 +626,44 @@ def test_numeric_annotations_cover_every_number_field():
     keys = {key for key, _ in _numeric_fields()}
     assert {'data.batch_size', 'data.image_size', 'seed', 'optim.lr', 'augment.scale', 'train.keep_last'} <= keys
     assert 'train.ema' not in keys and 'model.kwargs' not in keys and 'data.on_corrupt' not in keys
+
+
+def test_state_dicts_with_damaged_shapes_only_raise_checkpoint_errors():
+    """Zero-dimensional or oddly shaped entries, in our layout and timm's: refused, never an IndexError."""
+    from xcit.checkpoints import load_into
+    from xcit.models.xcit import timm_state_dict
+    rng = random.Random(0)
+    for name in ('xcit_nano_12_p16_224', 'cvt_13_224', 'fcvit_tiny'):
+        target = xcit.create_model(name)
+        layouts = [target.state_dict()] + ([timm_state_dict(target.state_dict())] if name.startswith('xcit') else [])
+        for layout in layouts:
+            keys = list(layout)
+            for _ in range(40):
+                damaged = dict(layout)
+                for _ in range(rng.randint(1, 3)):
+                    key = rng.choice(keys)
+                    if rng.random() < 0.5:
+                        damaged[key] = torch.zeros(())
+                    else:
+                        damaged[key] = torch.zeros(*[rng.randint(0, 3) for _ in range(rng.randint(1, 4))])
+                try:  # a 0-d num_batches_tracked still fits; anything else is refused as a CheckpointError
+                    load_into(target, damaged, source='damaged.pth')
+                except CheckpointError as e:
+                    assert 'damaged.pth' in str(e)
+
+
+@pytest.mark.parametrize('line,needle', [('img/a.png -1', 'label from 0'), ('img/a.png ³', 'label from 0'),
+                                         ('img/a.png 5000000', 'below 1,000,000'), ('img/a.png', 'label from 0')])
+def test_label_lists_with_impossible_labels(tmp_path, line, needle):
+    from xcit.data.datasets import label_list
+    (tmp_path / 'train.txt').write_text(f'img/b.png 0\n{line}\n', encoding='utf-8')
+    with pytest.raises(ConfigError, match=needle) as err:
+        label_list(tmp_path, 'train.txt')
+    assert 'train.txt:2' in str(err.value)
+
+
+def test_label_list_that_is_not_text(tmp_path):
+    from xcit.data.datasets import label_list
+    (tmp_path / 'train.txt').write_bytes(b'img/a.png 0\n\xff\xfe\x00\x01')
+    with pytest.raises(ConfigError, match='not UTF-8'):
+        label_list(tmp_path, 'train.txt')

@@ -58,7 +58,7 @@ def _is_number_type(annotation: Any) -> bool:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra='forbid', validate_assignment=True)
+    model_config = ConfigDict(extra='forbid', validate_assignment=True, allow_inf_nan=False)
 
     @field_validator('*', mode='before')
     @classmethod

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from ..registry import build_model, get_checkpoint_adapter, guess_architecture
+from ..registry import build_model, get_checkpoint_adapter
 from .errors import CheckpointError
 from .io import atomic_write, read_checkpoint, sniff_format
-from .load import describe_nonfinite, load_into, nonfinite_tensors, read_state_dict
+from .load import describe_nonfinite, guess_weights, load_into, nonfinite_tensors, read_state_dict
 from .paddle import from_paddle, is_paddle_layout, to_numpy, to_paddle, write_paddle_pickle
 
 FORMATS = ('passl', 'timm', 'official', 'safetensors')
@@ -99,7 +99,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, model_nam
     if nonfinite and not allow_nonfinite:
         raise CheckpointError(f'{label}: {describe_nonfinite(nonfinite)}; '
                               'pass allow_nonfinite=True (xcit convert --allow-nonfinite) to convert it anyway')
-    guess = guess_architecture(state_dict)
+    guess = guess_weights(state_dict)
     if model_name is None:
         if guess is None or guess.architecture is None:
             found = f' ({guess.description})' if guess else ''

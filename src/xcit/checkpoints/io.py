@@ -12,6 +12,7 @@ import errno
 import os
 import pickle
 import re
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -69,7 +70,9 @@ def _refusal(path: Path, error: pickle.UnpicklingError) -> CheckpointError:
 def _torch_load(path: Path) -> Any:
     try:
         # argparse.Namespace is only attribute storage: official training checkpoints keep their args in one
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            # a damaged header reads as an odd protocol number: the error that follows says enough
+            warnings.filterwarnings('ignore', message='Detected pickle protocol', category=UserWarning)
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         if 'Weights only load failed' in str(e):

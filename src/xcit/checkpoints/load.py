@@ -9,7 +9,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from ..registry import get_checkpoint_adapter, guess_architecture
+from ..registry import WeightsGuess, get_checkpoint_adapter, guess_architecture
 from .errors import CheckpointError
 from .io import read_checkpoint
 from .paddle import from_paddle, is_paddle_layout
@@ -91,6 +91,18 @@ def describe_nonfinite(names: list[str], limit: int = 8) -> str:
     return f"{len(names)} tensor{'s hold' if len(names) > 1 else ' holds'} NaN or infinite values ({shown})"
 
 
+# what a family's layout code raises on a state dict with damaged shapes or missing parts
+_LAYOUT_ERRORS = (KeyError, IndexError, ValueError, TypeError, RuntimeError)
+
+
+def guess_weights(state_dict: Mapping[str, Any]) -> WeightsGuess | None:
+    """`guess_architecture`, reading damaged state dicts (a shape with too few sides) as unrecognised."""
+    try:
+        return guess_architecture(state_dict)
+    except _LAYOUT_ERRORS:
+        return None
+
+
 def _model_name(model: nn.Module) -> str:
     return getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
 
@@ -148,7 +160,8 @@ def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], stric
             message += _listing('shape mismatch', result.mismatched)
         message += _describe_mismatch(model, state_dict)
         bias = f'{classifier}.bias'
-        if bias in state_dict and bias in own and state_dict[bias].shape != own[bias].shape:
+        if (bias in state_dict and bias in own and state_dict[bias].ndim == 1
+                and state_dict[bias].shape != own[bias].shape):
             message += (f'\n  The checkpoint has {state_dict[bias].shape[0]} classes: build the model with that '
                         'num_classes, or use create_model(name, num_classes=N, checkpoint_path=...) '
                         'to fine-tune a new classifier.')
@@ -164,7 +177,7 @@ def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], stric
 
 def _describe_mismatch(model: nn.Module, state_dict: dict) -> str:
     """Say which model the weights look like, next to the one they were loaded into."""
-    ours, theirs = guess_architecture(model.state_dict()), guess_architecture(state_dict)
+    ours, theirs = guess_weights(model.state_dict()), guess_weights(state_dict)
     if theirs is None:
         return f"\n  The checkpoint does not look like any model this package knows (first keys: {', '.join(k[:80] for k in list(state_dict)[:3])})."
     if ours is not None and ours.description == theirs.description:
@@ -200,5 +213,9 @@ def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], strict: boo
     """Map a state dict onto the model's own layout with its family's adapter, then load it."""
     adapter = get_checkpoint_adapter(model)
     if adapter is not None:
-        state_dict = adapter.filter_fn(state_dict, model)
+        try:
+            state_dict = adapter.filter_fn(state_dict, model)
+        except _LAYOUT_ERRORS as e:
+            raise CheckpointError(f'{source} does not fit {_model_name(model)}: {" ".join(str(e).split())[:300]}'
+                                  ) from None
     return load_state_dict(model, state_dict, strict=strict, source=source, new_classifier=new_classifier)

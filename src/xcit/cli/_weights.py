@@ -39,9 +39,9 @@ def model_with_weights(name: str, checkpoint: str | None) -> tuple[nn.Module, An
     its run's model arguments (e.g. a reduced depth).
     """
     from ..checkpoints import load_into, read_checkpoint
-    from ..checkpoints.load import extract_state_dict
+    from ..checkpoints.load import extract_state_dict, guess_weights
     from ..factory import create_model
-    from ..registry import get_model_entry, guess_architecture
+    from ..registry import get_model_entry
 
     get_model_entry(name)  # an unknown name fails before a large checkpoint is read
     if checkpoint is None:
@@ -50,7 +50,7 @@ def model_with_weights(name: str, checkpoint: str | None) -> tuple[nn.Module, An
     state_dict = extract_state_dict(raw, source=checkpoint)
     config = run_config(raw, checkpoint)
     kwargs = config.model.kwargs if config is not None else {}
-    guess = guess_architecture(state_dict)
+    guess = guess_weights(state_dict)
     try:
         model = create_model(name, num_classes=guess.num_classes if guess else None, **kwargs)
     except TypeError as e:  # the stored model arguments do not fit this architecture

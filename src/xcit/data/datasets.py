@@ -103,6 +103,9 @@ def image_files(inputs: Sequence[str | os.PathLike]) -> list[tuple[str, str | No
     return found
 
 
+MAX_CLASSES = 1_000_000  # beyond any labelled set (ImageNet-21k has 21,841); a classifier that wide is a typo
+
+
 def label_list(root: str | os.PathLike, list_file: str | os.PathLike) -> FileSource:
     """PaddleClas/PASSL label files: `relative/path label` per line.
 
@@ -117,15 +120,24 @@ def label_list(root: str | os.PathLike, list_file: str | os.PathLike) -> FileSou
         raise ConfigError(f'label list not found: {list_file}')
     if not root.is_dir():
         raise ConfigError(f'image root not found: {root}')
+    try:
+        text = list_file.read_text(encoding='utf-8')
+    except UnicodeDecodeError as e:
+        raise ConfigError(f'{list_file}: not UTF-8 text (byte {e.start}); is it a label list?') from None
     samples = []
-    for number, line in enumerate(list_file.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith('#'):
             continue
         parts = line.rsplit(None, 1)
-        if len(parts) != 2 or not parts[1].lstrip('-').isdigit():
-            raise ConfigError(f'{list_file}:{number}: expected "<relative/path> <integer label>", got {line!r}')
-        samples.append((str(root / parts[0]), int(parts[1])))
+        if len(parts) != 2 or not (parts[1].isascii() and parts[1].isdigit()):
+            shown = repr(line) if len(line) <= 200 else repr(line[:200]) + '...'
+            raise ConfigError(f'{list_file}:{number}: expected "<relative/path> <label from 0>", got {shown}')
+        label = int(parts[1])
+        if label >= MAX_CLASSES:
+            raise ConfigError(f'{list_file}:{number}: label {label} would make {label + 1:,} classes; '
+                              f'labels are class indices below {MAX_CLASSES:,}')
+        samples.append((str(root / parts[0]), label))
     if not samples:
         raise ConfigError(f'{list_file}: no samples listed')
     num_classes = max(t for _, t in samples) + 1
