@@ -18,6 +18,10 @@ import torch.nn as nn
 
 ModelBuilder = Callable[..., nn.Module]
 
+# the normalisation every released model here was trained with: models' cfgs and the data defaults read it here
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 
 @dataclass
 class WeightsGuess:

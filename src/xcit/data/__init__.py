@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import ConfigError, Config
+from ..registry import IMAGENET_MEAN, IMAGENET_STD
 from .datasets import DigitsSource, SampleSource, TransformedDataset, collate, image_folder, label_list
 from .samplers import ShardSampler, TrainSampler
 
@@ -32,8 +33,8 @@ def _input_spec(config: Config, model_cfg: dict) -> dict:
         interpolation=data.interpolation or model_cfg.get('interpolation', 'bicubic'),
         crop_pct=data.crop_pct or model_cfg.get('crop_pct', 1.0),
         crop_mode=model_cfg.get('crop_mode', 'center'),
-        mean=tuple(data.mean or model_cfg.get('mean', (0.485, 0.456, 0.406))),
-        std=tuple(data.std or model_cfg.get('std', (0.229, 0.224, 0.225))),
+        mean=tuple(data.mean or model_cfg.get('mean', IMAGENET_MEAN)),
+        std=tuple(data.std or model_cfg.get('std', IMAGENET_STD)),
     )
 
 
