@@ -21,16 +21,14 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from ._base import ClassifierMixin, plan_intermediates
-from .layers import DropPath, Linear, Mlp, take_indices
+from ._base import (ClassifierMixin, FeatureBackbone, GradCheckpointing, Trunk, create_family, head_classes,
+                    init_weights, map_to_tokens, shared_cfg, staged_group_matcher)
+from .layers import DropPath, Linear, Mlp
 from ..registry import CheckpointAdapter, WeightsGuess, register_checkpoint_adapter, register_model
 
 __all__ = ['CvT', 'CvTFeatures', 'QuickGELU', 'checkpoint_filter_fn', 'cvt_from_spec']
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PROJECTION_METHODS = ('dw_bn', 'avg', 'linear')
 
 
@@ -62,10 +60,10 @@ class ConvEmbed(nn.Module):
 def _conv_projection(dim: int, kernel_size: int, padding: int, stride: int, method: str) -> nn.Module:
     """The spatial part of a q/k/v projection, on (B, C, H, W) maps; the pointwise part is `proj_{q,k,v}`."""
     if method == 'dw_bn':
-        return nn.Sequential(OrderedDict([
-            ('conv', nn.Conv2d(dim, dim, kernel_size, stride=stride, padding=padding, bias=False, groups=dim)),
-            ('bn', nn.BatchNorm2d(dim)),
-        ]))
+        conv = nn.Conv2d(dim, dim, kernel_size, stride=stride, padding=padding, bias=False, groups=dim)
+        # its (dim, 1, k, k) weight in the channels-last strides of its gradient (the same bytes), as DDP expects
+        conv.to(memory_format=torch.channels_last)
+        return nn.Sequential(OrderedDict([('conv', conv), ('bn', nn.BatchNorm2d(dim))]))
     if method == 'avg':
         # floor mode: the same grid as the conv projection (the reference's ceil_mode=True adds a row and a column)
         return nn.AvgPool2d(kernel_size, stride=stride, padding=padding)
@@ -157,7 +155,7 @@ class CvTBlock(nn.Module):
         return x
 
 
-class CvTStage(nn.Module):
+class CvTStage(GradCheckpointing, nn.Module):
     """Token embedding, optional class token and blocks; returns the (B, C, H, W) map and the class token."""
 
     def __init__(self, in_chans: int, dim: int, num_heads: int, patch_size: int, patch_stride: int,
@@ -171,7 +169,6 @@ class CvTStage(nn.Module):
             CvTBlock(dim, num_heads, proj_drop=proj_drop, drop_path=rate, norm_layer=norm_layer,
                      with_cls_token=with_cls_token, **block_kwargs)
             for rate in drop_path_rates])
-        self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x, (H, W) = self.patch_embed(x)  # (B, N, C)
@@ -180,10 +177,7 @@ class CvTStage(nn.Module):
             x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)  # (B, 1+N, C)
         x = self.pos_drop(x)
         for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, H, W, use_reentrant=False)
-            else:
-                x = block(x, H, W)
+            x = self.run_block(block, x, H, W)
         cls_token = None
         if self.cls_token is not None:
             cls_token, x = x.split([1, H * W], dim=1)
@@ -214,18 +208,11 @@ def _drop_path_ramps(drop_path_rate: float | Sequence[float], depths: Sequence[i
     return [[rate * j / (depth - 1) if depth > 1 else 0.0 for j in range(depth)] for rate, depth in zip(rates, depths)]
 
 
-def _init_weights(module: nn.Module) -> None:
-    # the official trunc_norm initialisation; convs keep PyTorch's default
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, (nn.LayerNorm, nn.BatchNorm2d)):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+# the official trunc_norm initialisation; convs keep PyTorch's default
+_init_weights = partial(init_weights, norms=(nn.LayerNorm, nn.BatchNorm2d))
 
 
-class _CvTTrunk(nn.Module):
+class _CvTTrunk(Trunk, nn.Module):
     """The stages, as modules `stage0`, `stage1`, ...: what the classifier and the feature backbone share."""
 
     def __init__(
@@ -254,7 +241,7 @@ class _CvTTrunk(nn.Module):
             img_size: int | tuple[int, int] = 224,
     ):
         super().__init__()
-        n = self.num_stages = len(embed_dims)
+        n = self.num_stages = self.num_layers = len(embed_dims)
         act_layer = act_layer or QuickGELU
         # the reference's LayerNorm upcasts to float32 for AMP; under autocast nn.LayerNorm already does
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-5)
@@ -296,15 +283,16 @@ class _CvTTrunk(nn.Module):
     def stages(self) -> list[CvTStage]:
         return [getattr(self, f'stage{i}') for i in range(self.num_stages)]
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward pass, trading compute for activation memory."""
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
+    def _stem(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return x, None  # each stage embeds its own input
 
-    @property
-    def grad_checkpointing(self) -> bool:
-        return self.stage0.grad_checkpointing
+    def _layer(self, i: int, state: tuple[torch.Tensor, torch.Tensor | None]
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.stages[i](state[0])  # (B, C, H, W), (B, 1, C) or None
+
+    def _tap(self, i: int, state: tuple[torch.Tensor, torch.Tensor | None]
+             ) -> tuple[torch.Tensor, tuple[int, int]]:
+        return map_to_tokens(state[0]), state[0].shape[-2:]  # the patch tokens only
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -314,14 +302,9 @@ class _CvTTrunk(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups for layer-wise learning-rate decay (timm's convention)."""
-        return dict(
-            stem=r'^stage0\.patch_embed',
-            blocks=[(r'^stage(\d+)', None), (r'^norm', (99999,))] if coarse else [
-                (r'^stage(\d+)\.blocks\.(\d+)', None),
-                (r'^stage(\d+)\.(?:patch_embed|cls_token)', (0,)),
-                (r'^norm', (99999,)),
-            ],
-        )
+        return staged_group_matcher(coarse, stem=r'^stage0\.patch_embed', stage=r'^stage(\d+)',
+                                    block=r'^stage(\d+)\.blocks\.(\d+)',
+                                    stage_entry=r'^stage(\d+)\.(?:patch_embed|cls_token)')
 
 
 class CvT(ClassifierMixin, _CvTTrunk):
@@ -358,68 +341,23 @@ class CvT(ClassifierMixin, _CvTTrunk):
     def _init_head(self, head: nn.Linear) -> None:
         nn.init.trunc_normal_(head.weight, std=0.02)  # the bias keeps PyTorch's default, as in the reference
 
-    def _final_tokens(self, x: torch.Tensor, cls_token: torch.Tensor | None) -> torch.Tensor:
-        x = x.flatten(2).transpose(1, 2)  # (B, N, C)
+    def _final(self, state: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        """Final normalised tokens (B, 1+N, C), class token first (no class token: (B, N, C))."""
+        x, cls_token = state
+        x = map_to_tokens(x)  # (B, N, C)
         if cls_token is not None:
             x = torch.cat((cls_token, x), dim=1)  # (B, 1+N, C)
         return self.norm(x)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Final normalised tokens (B, 1+N, C), class token first (no class token: (B, N, C))."""
-        cls_token = None
-        for stage in self.stages:
-            x, cls_token = stage(x)  # (B, C, H, W), (B, 1, C) or None
-        return self._final_tokens(x, cls_token)
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: int | Sequence[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs (patch tokens only) as (B, C, H, W) maps or (B, N, C) tokens.
-
-        `indices`: None for every stage, an int n for the last n, or stage numbers.
-        `norm` applies the final norm to the last stage's output (the only one of its width);
-        unless `intermediates_only`, the final features of `forward_features` come first in the pair.
-        """
-        take, last = plan_intermediates(self.num_stages, indices, output_fmt, stop_early or intermediates_only)
-        intermediates = []
-        for i, stage in enumerate(self.stages[:last + 1]):
-            x, cls_token = stage(x)  # (B, C, H, W), (B, 1, C) or None
-            if i not in take:
-                continue
-            B, C, H, W = x.shape
-            out = x.flatten(2).transpose(1, 2)  # (B, N, C)
-            if norm and i == self.num_stages - 1:
-                out = self.norm(out)
-            intermediates.append(out if output_fmt == 'NLC' else out.transpose(1, 2).reshape(B, C, H, W))
-        if intermediates_only:
-            return intermediates
-        return self._final_tokens(x, cls_token), intermediates
+    def _norm_tap(self, i: int, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        return self.norm(tokens) if i == self.num_stages - 1 else tokens  # the only stage of the norm's width
 
 
-class CvTFeatures(_CvTTrunk):
+class CvTFeatures(FeatureBackbone, _CvTTrunk):
     """Backbone for dense prediction: the (B, C, H, W) output of each chosen stage (strides 4, 8, 16).
 
     No final norm or head; the last stage's class token still takes part in its attention.
     """
-
-    def __init__(self, out_indices: Sequence[int] | None = None, **trunk_kwargs):
-        super().__init__(**trunk_kwargs)
-        self.out_indices = take_indices(self.num_stages, out_indices)
-        self.feature_info = [self.feature_info[i] for i in self.out_indices]
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        maps = []
-        for i, stage in enumerate(self.stages[:self.out_indices[-1] + 1]):
-            x, _ = stage(x)  # (B, C, H, W)
-            if i in self.out_indices:
-                maps.append(x)
-        return maps
 
 
 # --- checkpoints ----------------------------------------------------------------------------------
@@ -496,8 +434,7 @@ def guess_weights(state_dict: dict) -> WeightsGuess | None:
         depths.append(max(blocks) + 1 if blocks else 0)
     cls_stages = [i for i in range(len(dims)) if f'stage{i}.cls_token' in state_dict]
     conv_proj = 'stage0.blocks.0.attn.conv_proj_q.conv.weight' in state_dict
-    head = state_dict.get('head.weight')
-    num_classes = head.shape[0] if head is not None else 0
+    num_classes = head_classes(state_dict)
     description = (f"embed_dims {'/'.join(map(str, dims))}, depths {'/'.join(map(str, depths))}, "
                    f"class token in stage {'/'.join(map(str, cls_stages)) or 'none'}, {num_classes} classes")
     size = next((s for s, cfg in _CVT_SIZES.items()
@@ -571,29 +508,17 @@ _CVT_VARIANTS = {
 def _cfg(resolution: int, hub_id: str, file_name: str) -> dict:
     # official evaluation: 224 models resize to 256 and center-crop; 384 models are resized (warped) to 384x384
     crop = dict(crop_pct=0.875, crop_mode='center') if resolution == 224 else dict(crop_pct=1.0, crop_mode='squash')
-    return dict(
-        url=_HF_URL.format(hub_id), hf_hub_id=hub_id, file_name=file_name, num_classes=1000,
-        input_size=(3, resolution, resolution), interpolation='bicubic', fixed_input_size=False,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, first_conv='stage0.patch_embed.proj', classifier='head',
-        license='mit', paper_ids='arXiv:2103.15808', origin_url='https://github.com/microsoft/CvT',
-        checkpoint_format='hf_transformers', **crop)
-
-
-def _create_cvt(features_only: bool = False, out_indices: Sequence[int] | None = None, **kwargs) -> nn.Module:
-    if features_only:
-        for key in ('num_classes', 'global_pool', 'drop_rate'):
-            kwargs.pop(key, None)
-        return CvTFeatures(out_indices=out_indices, **kwargs)
-    if out_indices is not None:
-        raise ValueError('out_indices applies to features_only=True')
-    return CvT(**kwargs)
+    return shared_cfg(
+        url=_HF_URL.format(hub_id), hf_hub_id=hub_id, file_name=file_name, input_size=(3, resolution, resolution),
+        first_conv='stage0.patch_embed.proj', license='mit', paper_ids='arXiv:2103.15808',
+        origin_url='https://github.com/microsoft/CvT', checkpoint_format='hf_transformers', **crop)
 
 
 for _name, _tags in _CVT_VARIANTS.items():
     _size, _res = _name.split('_')[1:]
     register_model(
         _name,
-        partial(_create_cvt, img_size=int(_res), **_CVT_SIZES[_size]),
+        partial(create_family, CvT, CvTFeatures, img_size=int(_res), **_CVT_SIZES[_size]),
         family='cvt',
         cfgs={tag: _cfg(int(_res), hub_id, file_name) for tag, (hub_id, file_name) in _tags.items()},
     )

@@ -20,16 +20,13 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
-from ._base import ClassifierMixin, plan_intermediates
-from .layers import DropPath, take_indices
+from ._base import (ClassifierMixin, FeatureBackbone, Trunk, create_family, head_classes, init_weights, map_to_tokens,
+                    shared_cfg, staged_group_matcher, tokens_to_map)
+from .layers import DropPath
 from ..registry import CheckpointAdapter, WeightsGuess, register_checkpoint_adapter, register_model
 
 __all__ = ['FCViT', 'FCViTFeatures', 'checkpoint_filter_fn']
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def group_norm(num_channels: int) -> nn.GroupNorm:
@@ -155,13 +152,11 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, std=(2.0 / fan_out) ** 0.5)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
+    else:
+        init_weights(module)  # trunc-normal Linears
 
 
-class _FCViTTrunk(nn.Module):
+class _FCViTTrunk(Trunk, nn.Module):
     """Stem and `network` = [stage 0, downsample, stage 1, ..., stage 3]: what the classifier and the backbone share."""
 
     def __init__(
@@ -185,11 +180,10 @@ class _FCViTTrunk(nn.Module):
         act_layer = act_layer or nn.GELU
         norm_layer = norm_layer or group_norm
         self.embed_dims = list(embed_dims)
-        self.num_stages = len(embed_dims)
+        self.num_stages = self.num_layers = len(embed_dims)
         self.in_chans = in_chans
         self.img_size = img_size
         self.num_features = self.head_hidden_size = self.embed_dims[-1]
-        self.grad_checkpointing = False
         self.patch_embed = PatchEmbed(in_chans, embed_dims[0], patch_size=7, stride=4)
         # one linear drop-path ramp over all blocks of all stages
         total = sum(depths)
@@ -209,21 +203,19 @@ class _FCViTTrunk(nn.Module):
         self.network = nn.ModuleList(network)
         self.apply(_init_weights)
 
-    def run_stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.patch_embed(x)  # (B, C0, H/4, W/4)
+
+    def _layer(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Stage i on the previous stage's output (the stem's output for stage 0): downsample, then blocks."""
         if i:
             x = self.network[2 * i - 1](x)  # (B, C_i, H_i, W_i)
         for block in self.network[2 * i]:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = self.run_block(block, x)
         return x
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each block in the backward pass, trading compute for activation memory."""
-        self.grad_checkpointing = enable
+    def _tap(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        return map_to_tokens(x), x.shape[-2:]
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -233,14 +225,8 @@ class _FCViTTrunk(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         """Parameter groups for layer-wise learning-rate decay (timm's convention)."""
-        return dict(
-            stem=r'^patch_embed',
-            blocks=[(r'^network\.(\d+)', None), (r'^norm', (99999,))] if coarse else [
-                (r'^network\.(\d+)\.(\d+)\.', None),
-                (r'^network\.(\d+)\.(?:proj|norm)\.', (0,)),
-                (r'^norm', (99999,)),
-            ],
-        )
+        return staged_group_matcher(coarse, stem=r'^patch_embed', stage=r'^network\.(\d+)',
+                                    block=r'^network\.(\d+)\.(\d+)\.', stage_entry=r'^network\.(\d+)\.(?:proj|norm)\.')
 
 
 class FCViT(ClassifierMixin, _FCViTTrunk):
@@ -259,12 +245,14 @@ class FCViT(ClassifierMixin, _FCViTTrunk):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = self._new_head(num_classes)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def _final(self, x: torch.Tensor) -> torch.Tensor:
         """The last stage's map after the final GroupNorm, (B, C, H, W)."""
-        x = self.patch_embed(x)  # (B, C0, H/4, W/4)
-        for i in range(self.num_stages):
-            x = self.run_stage(i, x)
         return self.norm(x)
+
+    def _norm_tap(self, i: int, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        if i < self.num_stages - 1:  # only the last stage has the norm's width
+            return tokens
+        return map_to_tokens(self.norm(tokens_to_map(tokens, grid)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool and classify; with global_pool='' the head runs at every position, (B, H, W, classes)."""
@@ -272,54 +260,13 @@ class FCViT(ClassifierMixin, _FCViTTrunk):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: int | Sequence[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs as (B, C, H, W) maps or (B, N, C) tokens.
 
-        `indices`: None for every stage, an int n for the last n, or stage numbers.
-        `norm` applies the final GroupNorm to the last stage's output (the only one of its width);
-        unless `intermediates_only`, the final features of `forward_features` come first in the pair.
-        """
-        take, last = plan_intermediates(self.num_stages, indices, output_fmt, stop_early or intermediates_only)
-        intermediates = []
-        x = self.patch_embed(x)
-        for i in range(last + 1):
-            x = self.run_stage(i, x)  # (B, C_i, H_i, W_i)
-            if i in take:
-                out = self.norm(x) if norm and i == self.num_stages - 1 else x
-                intermediates.append(out.flatten(2).transpose(1, 2) if output_fmt == 'NLC' else out)
-        if intermediates_only:
-            return intermediates
-        return self.norm(x), intermediates
-
-
-class FCViTFeatures(_FCViTTrunk):
+class FCViTFeatures(FeatureBackbone, _FCViTTrunk):
     """Backbone for dense prediction: the (B, C, H, W) output of each chosen stage (strides 4, 8, 16, 32).
 
     No final norm or head. (The official detection/segmentation backbones add a
     GroupNorm per output, `norm0`/`norm2`/...; their checkpoints are not covered.)
     """
-
-    def __init__(self, out_indices: Sequence[int] | None = None, **trunk_kwargs):
-        super().__init__(**trunk_kwargs)
-        self.out_indices = take_indices(self.num_stages, out_indices)
-        self.feature_info = [self.feature_info[i] for i in self.out_indices]
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        maps = []
-        x = self.patch_embed(x)
-        for i in range(self.out_indices[-1] + 1):
-            x = self.run_stage(i, x)
-            if i in self.out_indices:
-                maps.append(x)
-        return maps
 
 
 # --- checkpoints ----------------------------------------------------------------------------------
@@ -343,8 +290,7 @@ def guess_weights(state_dict: dict) -> WeightsGuess | None:
     stages = sorted(blocks)
     dims = [state_dict[f'network.{i}.0.norm1.weight'].shape[0] for i in stages]
     depths = [max(blocks[i]) + 1 for i in stages]
-    head = state_dict.get('head.weight')
-    num_classes = head.shape[0] if head is not None else 0
+    num_classes = head_classes(state_dict)
     description = (f"embed_dims {'/'.join(map(str, dims))}, depths {'/'.join(map(str, depths))}, "
                    f'{num_classes} classes')
     architecture = next((f'fcvit_{size}' for size, cfg in _FCVIT_SIZES.items()
@@ -372,27 +318,15 @@ _FCVIT_SIZES = {
 
 def _cfg(crop_pct: float, download: str) -> dict:
     # the weights sit in Google Drive folders, which have no direct file URL
-    return dict(
-        url='', download_page=download, num_classes=1000, input_size=(3, 224, 224), crop_pct=crop_pct,
-        crop_mode='center', interpolation='bicubic', fixed_input_size=False, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        first_conv='patch_embed.proj', classifier='head', paper_ids='arXiv:2212.12552',
-        origin_url='https://github.com/ma-xu/FCViT')
-
-
-def _create_fcvit(features_only: bool = False, out_indices: Sequence[int] | None = None, **kwargs) -> nn.Module:
-    if features_only:
-        for key in ('num_classes', 'global_pool', 'drop_rate'):
-            kwargs.pop(key, None)
-        return FCViTFeatures(out_indices=out_indices, **kwargs)
-    if out_indices is not None:
-        raise ValueError('out_indices applies to features_only=True')
-    return FCViT(**kwargs)
+    return shared_cfg(
+        url='', download_page=download, input_size=(3, 224, 224), crop_pct=crop_pct, crop_mode='center',
+        first_conv='patch_embed.proj', paper_ids='arXiv:2212.12552', origin_url='https://github.com/ma-xu/FCViT')
 
 
 for _size, _arch in _FCVIT_SIZES.items():
     register_model(
         f'fcvit_{_size}',
-        partial(_create_fcvit, embed_dims=_arch['embed_dims'], depths=_arch['depths']),
+        partial(create_family, FCViT, FCViTFeatures, embed_dims=_arch['embed_dims'], depths=_arch['depths']),
         family='fcvit',
         cfgs={'in1k': _cfg(_arch['crop_pct'], _arch['download'])},
     )

@@ -22,18 +22,14 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from ._base import ClassifierMixin, plan_intermediates
+from ._base import ClassifierMixin, Trunk, create_family, head_classes, init_weights, shared_cfg
 from .layers import DropPath, Linear, Mlp, autocast_active, linear, take_indices
 from ..registry import CheckpointAdapter, WeightsGuess, register_alias, register_checkpoint_adapter, register_model
 
 __all__ = ['XCiT', 'XCiTDense', 'checkpoint_filter_fn']
 
 _logger = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class PositionalEncodingFourier(nn.Module):
@@ -234,6 +230,10 @@ class LPI(nn.Module):
         self.act = act_layer()
         self.bn = nn.BatchNorm2d(dim)
         self.conv2 = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+        # the (dim, 1, 3, 3) weights in the channels-last strides their gradients come out with (the same
+        # bytes): DDP compares strides literally and would warn, and copy, on every step otherwise
+        self.conv1.to(memory_format=torch.channels_last)
+        self.conv2.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         B, N, C = x.shape
@@ -301,8 +301,10 @@ class ClassAttention(nn.Module):
         h = self.num_heads
         w_q, w_kv = self.qkv.weight.split((C, 2 * C))
         b_q, b_kv = self.qkv.bias.split((C, 2 * C)) if self.qkv.bias is not None else (None, None)
-        q = linear(x[:, :1], w_q, b_q).reshape(B, 1, h, C // h).transpose(1, 2)  # (B, h, 1, d)
-        k, v = linear(x, w_kv, b_kv).reshape(B, N, 2, h, C // h).permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d)
+        impl = self.qkv.impl
+        q = linear(x[:, :1], w_q, b_q, impl=impl).reshape(B, 1, h, C // h).transpose(1, 2)  # (B, h, 1, d)
+        kv = linear(x, w_kv, b_kv, impl=impl).reshape(B, N, 2, h, C // h)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, h, N, d)
         attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, h, 1, N)
         return attn.softmax(dim=-1), v
 
@@ -347,18 +349,11 @@ class ClassAttentionBlock(nn.Module):
         return torch.cat((cls, patches + patches), dim=1)
 
 
-def _init_weights(module: nn.Module) -> None:
-    # the official initialisation: trunc-normal Linear weights, zero biases; convs and BN keep PyTorch's defaults
-    if isinstance(module, nn.Linear):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+# the official initialisation: convs and BatchNorm keep PyTorch's defaults
+_init_weights = partial(init_weights, norms=(nn.LayerNorm,))
 
 
-class _XCiTTrunk(nn.Module):
+class _XCiTTrunk(Trunk, nn.Module):
     """Conv stem, Fourier positions and XCA blocks: what the classifier and the dense backbone share."""
 
     def __init__(
@@ -392,7 +387,7 @@ class _XCiTTrunk(nn.Module):
         self.num_heads = num_heads
         self.patch_size = patch_size
         self.in_chans = in_chans
-        self.grad_checkpointing = False
+        self.num_layers = depth
         self.patch_embed = ConvPatchEmbed(patch_size, in_chans, embed_dim, act_layer=act_layer)
         self.pos_embeder = PositionalEncodingFourier(embed_dim) if use_pos_embed else None
         self.pos_drop = nn.Dropout(pos_drop_rate)
@@ -402,21 +397,18 @@ class _XCiTTrunk(nn.Module):
                      **self.layer_kwargs)
             for _ in range(depth)])
 
-    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def _stem(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         x, (Hp, Wp) = self.patch_embed(x)  # (B, N, D)
         if self.pos_embeder is not None:
             x = x + self.pos_embeder(Hp, Wp)
         return self.pos_drop(x), (Hp, Wp)
 
-    def run_block(self, block: XCABlock, x: torch.Tensor, Hp: int, Wp: int) -> torch.Tensor:
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(block, x, Hp, Wp, use_reentrant=False)
-        return block(x, Hp, Wp)
+    def _layer(self, i: int, state: tuple[torch.Tensor, tuple[int, int]]) -> tuple[torch.Tensor, tuple[int, int]]:
+        x, grid = state
+        return self.run_block(self.blocks[i], x, *grid), grid  # (B, N, D)
 
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute each XCA block in the backward pass: activation memory for high-resolution training."""
-        self.grad_checkpointing = enable
+    def _tap(self, i: int, state: tuple[torch.Tensor, tuple[int, int]]) -> tuple[torch.Tensor, tuple[int, int]]:
+        return state
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -488,42 +480,11 @@ class XCiT(ClassifierMixin, _XCiTTrunk):
             x = block(x)
         return x
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x, (Hp, Wp) = self.embed(x)  # (B, N, D)
-        for block in self.blocks:
-            x = self.run_block(block, x, Hp, Wp)
-        return self.norm(self.forward_cls(x))  # (B, 1+N, D)
+    def _final(self, state: tuple[torch.Tensor, tuple[int, int]]) -> torch.Tensor:
+        return self.norm(self.forward_cls(state[0]))  # (B, 1+N, D)
 
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: int | Sequence[int] | None = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """XCA block outputs (patch tokens only), as (B, D, Hp, Wp) maps or (B, N, D) tokens.
-
-        `indices`: None for every block, an int n for the last n, or block numbers.
-        `norm` passes them through the final norm; unless `intermediates_only`,
-        the final normalised tokens (B, 1+N, D) come first in the returned pair.
-        """
-        take, last = plan_intermediates(len(self.blocks), indices, output_fmt, stop_early or intermediates_only)
-        B = x.shape[0]
-        x, (Hp, Wp) = self.embed(x)
-        intermediates = []
-        for i, block in enumerate(self.blocks[:last + 1]):
-            x = self.run_block(block, x, Hp, Wp)
-            if i in take:
-                intermediates.append(self.norm(x) if norm else x)
-        if output_fmt == 'NCHW':
-            intermediates = [t.transpose(1, 2).reshape(B, -1, Hp, Wp) for t in intermediates]
-        if intermediates_only:
-            return intermediates
-        if last < len(self.blocks) - 1:
-            raise ValueError('stop_early leaves no final features; pass intermediates_only=True')
-        return self.norm(self.forward_cls(x)), intermediates
+    def _norm_tap(self, i: int, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        return self.norm(tokens)  # every XCA block has the final norm's width
 
 
 class XCiTDense(_XCiTTrunk):
@@ -563,13 +524,7 @@ class XCiTDense(_XCiTTrunk):
         self.apply(_init_weights)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        B = x.shape[0]
-        x, (Hp, Wp) = self.embed(x)
-        taps = []
-        for i, block in enumerate(self.blocks[:self.out_indices[-1] + 1]):
-            x = self.run_block(block, x, Hp, Wp)
-            if i in self.out_indices:
-                taps.append(x.transpose(1, 2).reshape(B, -1, Hp, Wp))  # (B, D, Hp, Wp)
+        taps = self.feature_maps(x, self.out_indices)  # 4 x (B, D, Hp, Wp)
         adapters = (self.fpn1, self.fpn2, self.fpn3, self.fpn4)
         return [adapter(t) for adapter, t in zip(adapters, taps)]
 
@@ -634,8 +589,7 @@ def guess_weights(state_dict: dict) -> WeightsGuess | None:
     depth = 1 + max(int(k.split('.')[1]) for k in state_dict if k.startswith('blocks.'))
     stem_units = sum(1 for k in state_dict if re.fullmatch(r'patch_embed\.proj\.\d+\.0\.weight', k))
     patch = {4: 16, 3: 8}.get(stem_units)
-    head = state_dict.get('head.weight')
-    num_classes = head.shape[0] if head is not None else 0
+    num_classes = head_classes(state_dict)
     description = f'embed_dim {dim}, depth {depth}, {heads} heads, patch {patch}, {num_classes} classes'
     size = next((name for name, (d, n, h, _) in _XCIT_SIZES.items() if (d, n, h) == (dim, depth, heads)), None)
     architecture = f'xcit_{size}_p{patch}_224' if size and patch else None
@@ -665,11 +619,8 @@ _PASSL_DIST = {'xcit_nano_12_p8_224'}
 
 
 def _cfg(url: str, resolution: int, **kwargs) -> dict:
-    return dict(
-        url=url, num_classes=1000, input_size=(3, resolution, resolution), crop_pct=1.0,
-        interpolation='bicubic', fixed_input_size=False, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        first_conv='patch_embed.proj.0.0', classifier='head', license='apache-2.0',
-        paper_ids='arXiv:2106.09681', **kwargs)
+    return shared_cfg(url=url, input_size=(3, resolution, resolution), crop_pct=1.0, first_conv='patch_embed.proj.0.0',
+                      license='apache-2.0', paper_ids='arXiv:2106.09681', **kwargs)
 
 
 def _xcit_cfgs(name: str, resolution: int) -> dict[str, dict]:
@@ -686,23 +637,13 @@ def _xcit_cfgs(name: str, resolution: int) -> dict[str, dict]:
     return cfgs
 
 
-def _create_xcit(features_only: bool = False, out_indices: Sequence[int] | None = None, **kwargs) -> nn.Module:
-    if features_only:
-        for key in ('img_size', 'num_classes', 'global_pool', 'drop_rate', 'cls_attn_layers', 'tokens_norm'):
-            kwargs.pop(key, None)
-        return XCiTDense(out_indices=out_indices, **kwargs)
-    if out_indices is not None:
-        raise ValueError('out_indices applies to features_only=True')
-    return XCiT(**kwargs)
-
-
 for _size, (_dim, _depth, _heads, _tokens_norm) in _XCIT_SIZES.items():
     for _patch in (16, 8):
         for _res in (224, 384):
             _name = f'xcit_{_size}_p{_patch}_{_res}'
             register_model(
                 _name,
-                partial(_create_xcit, img_size=_res, patch_size=_patch, embed_dim=_dim, depth=_depth,
+                partial(create_family, XCiT, XCiTDense, img_size=_res, patch_size=_patch, embed_dim=_dim, depth=_depth,
                         num_heads=_heads, eta=1.0 if _depth == 12 else 1e-5, tokens_norm=_tokens_norm),
                 family='xcit',
                 cfgs=_xcit_cfgs(_name, _res),
