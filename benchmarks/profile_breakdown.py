@@ -9,7 +9,8 @@ memory copy, elementwise + norms (everything else: GELU, LayerNorm, softmax,
 BatchNorm, adds). The floor is the step's matmul + conv FLOPs at the fastest
 float32 GEMM rate measured here (the best of oneDNN and torch.mm on a large
 square product): no implementation of the same maths can beat it on this CPU.
-Only `xcit.create_model` is used, so older checkouts of the package run it too.
+Models and steps come from `xcit.bench` (`build_model`, `make_step`), so what is
+profiled here is what `xcit bench` times; an older checkout with that module runs it too.
 """
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ import platform
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import xcit
+from xcit import bench
 
 CATEGORIES = {
     'matmul': {'addmm', 'mm', 'bmm', 'baddbmm', 'matmul', 'linear', '_linear_pointwise', 'onednn_linear',
@@ -55,30 +56,9 @@ def gemm_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
 
 
 def make_step(name: str, impl: str, batch: int, img_size: int, mode: str, device: str = 'cpu'):
+    """`xcit bench`'s step: its model for `impl` ('xcit' or 'timm') and its inference or training step."""
     torch.manual_seed(0)
-    if impl == 'timm':
-        import timm
-        with torch.device(device):
-            model = timm.create_model(name)
-    else:
-        model = xcit.create_model(name).to(device)
-    x = torch.randn(batch, 3, img_size, img_size, device=device)
-    if mode == 'infer':
-        model.eval()
-
-        def step():
-            with torch.inference_mode():
-                model(x)
-        return step
-    model.train()
-    target = torch.randint(0, 1000, (batch,), device=device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), target).backward()
-        optimizer.step()
-    return step
+    return bench.make_step(bench.build_model(name, impl, img_size, device), mode, batch, img_size, device)
 
 
 def count_flops(name: str, batch: int, img_size: int, mode: str) -> float:
