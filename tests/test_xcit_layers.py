@@ -84,18 +84,18 @@ def test_class_attention_equals_the_fused_qkv_formulation():
 
 
 @pytest.mark.parametrize('tokens_norm', [False, True])
-def test_class_attention_block_keeps_the_official_quirks(tokens_norm):
+def test_class_attention_block_matches_the_official_formulation(tokens_norm):
+    """The released block as written there: residuals over the whole sequence, an attention branch that hands
+    back norm1 of the patches, norm2 on every token (tokens_norm) or the class token only, and an MLP branch
+    that returns the patches unchanged, so that its residual doubles them."""
     torch.manual_seed(0)
     block = perturb_(ClassAttentionBlock(16, num_heads=2, tokens_norm=tokens_norm), scale=0.3).eval()
-    x = torch.randn(2, 7, 16)
-    c, P = x[:, :1], x[:, 1:]
-    n1 = block.norm1(x)
-    c1 = c + block.gamma1 * block.attn(n1)
-    P1 = P + block.gamma1 * n1[:, 1:]  # normalised patches re-attached by the attention branch
-    c2 = block.norm2(c1)
-    P2 = block.norm2(P1) if tokens_norm else P1
-    expected = torch.cat([c2 + block.gamma2 * block.mlp(c2), 2 * P2], dim=1)  # patches doubled
-    assert torch.allclose(block(x), expected, atol=1e-6)
+    inputs = torch.randn(2, 7, 16)
+    n1 = block.norm1(inputs)
+    x = inputs + block.gamma1 * torch.cat([block.attn(n1), n1[:, 1:]], dim=1)
+    x = block.norm2(x) if tokens_norm else torch.cat([block.norm2(x[:, :1]), x[:, 1:]], dim=1)
+    expected = x + torch.cat([block.gamma2 * block.mlp(x[:, :1]), x[:, 1:]], dim=1)
+    assert torch.allclose(block(inputs), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize('patch,widths', [(16, [16, 32, 64, 128]), (8, [32, 64, 128])])
