@@ -4,10 +4,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import xcit.engine.trainer as trainer
+import xcit.tasks.classification as classification
 from conftest import tiny_run_config
 from xcit.config import load_config
-from xcit.engine.distill import DistillationLoss, Renormalize
+from xcit.tasks import run
+from xcit.tasks.distill import DistillationLoss, Renormalize
 
 
 class _Teacher(nn.Module):
@@ -72,7 +73,7 @@ def test_renormalisation_maps_student_inputs_to_teacher_statistics():
 ])
 def test_distillation_run_trains_and_leaves_the_teacher_untouched(tmp_path, monkeypatch, kind, teacher):
     built = {}
-    real_build = trainer.build_teacher
+    real_build = classification.build_teacher
 
     def recording_build(config, num_classes):
         model = real_build(config, num_classes)
@@ -80,11 +81,11 @@ def test_distillation_run_trains_and_leaves_the_teacher_untouched(tmp_path, monk
         built['before'] = {k: v.clone() for k, v in model.state_dict().items()}
         return model
 
-    monkeypatch.setattr(trainer, 'build_teacher', recording_build)
+    monkeypatch.setattr(classification, 'build_teacher', recording_build)
     teacher_kwargs = {'depth': 1} if teacher.startswith('xcit') else {}
     config = tiny_run_config(tmp_path, **{'distill.type': kind, 'distill.teacher': teacher,
                                           'distill.teacher_kwargs': teacher_kwargs, 'distill.tau': 2.0})
-    result = trainer.run(load_config(config))
+    result = run(load_config(config))
     losses = [row['train_loss'] for row in result.history]
     assert losses[-1] < losses[0]
     after = built['model'].state_dict()

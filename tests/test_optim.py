@@ -49,10 +49,10 @@ def test_warmup_cosine():
 
 
 def test_linear_lr_scaling():
-    config = load_config([], ['optim.scale_lr=True', 'optim.lr=5e-4', 'data.batch_size=128', 'optim.accum_steps=2'])
-    assert math.isclose(peak_lr(config, world_size=2), 5e-4 * 512 / 512)
-    assert math.isclose(peak_lr(config, world_size=4), 1e-3)
+    config = load_config([], ['optim.scale_lr=True', 'optim.lr=5e-4', 'optim.lr_base_batch=512'])
+    assert math.isclose(peak_lr(config.optim, global_batch=128 * 2 * 2), 5e-4 * 512 / 512)
+    assert math.isclose(peak_lr(config.optim, global_batch=128 * 4 * 2), 1e-3)
     fixed = load_config([], ['optim.lr=5e-4'])
-    assert peak_lr(fixed, world_size=8) == 5e-4
-    schedule = build_schedule(load_config([], ['schedule.epochs=10', 'schedule.warmup_epochs=0.5']), 1.0, 20)
+    assert peak_lr(fixed.optim, global_batch=4096) == 5e-4
+    schedule = build_schedule(load_config([], ['schedule.epochs=10', 'schedule.warmup_epochs=0.5']).schedule, 1.0, 20)
     assert (schedule.total_steps, schedule.warmup_steps) == (200, 10)

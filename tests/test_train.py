@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import run_cli, tiny_run_config
 from xcit.config import load_config
 from xcit.data.datasets import DigitsSource
-from xcit.engine import run
+from xcit.tasks import run
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +40,10 @@ def test_a_run_writes_its_folder_and_learns(finished):
     header = (result.run_dir / 'summary.csv').read_text().splitlines()[0]
     assert header.startswith('epoch,lr,train_loss,eval_loss,eval_top1')
     state = torch.load(result.run_dir / 'last.pth', weights_only=True)
-    assert {'model', 'optimizer', 'scheduler', 'epoch', 'step', 'rng', 'config', 'best_top1'} <= set(state)
-    assert state['epoch'] == 2 and state['batch_in_epoch'] == 0 and state['classes'] == [str(i) for i in range(10)]
+    assert {'model', 'optimizer', 'epoch', 'step', 'config', 'best', 'task'} <= set(state)
+    assert state['best'] == dict(metric='top1', value=max(r['eval_top1'] for r in rows))
+    assert state['epoch'] == 2 and state['batch_in_epoch'] == 0
+    assert state['task']['classes'] == [str(i) for i in range(10)]
 
 
 def test_eval_reports_the_top1_of_the_end_of_training(finished):
@@ -132,17 +134,24 @@ def _digit_folder(root, per_class=24):
 
 def test_corrupt_images_are_skipped_and_reported_or_fatal(tmp_path):
     data = _digit_folder(tmp_path / 'data' / 'train')
-    _digit_folder(tmp_path / 'data' / 'val', per_class=8)
-    (data / 'class_1' / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n' + os.urandom(64))
+    val = _digit_folder(tmp_path / 'data' / 'val', per_class=8)
+    broken = [data / 'class_1' / 'broken.png', data / 'class_2' / 'empty.png', val / 'class_0' / 'broken.png']
+    broken[0].write_bytes(b'\x89PNG\r\n\x1a\n' + os.urandom(64))
+    broken[1].write_bytes(b'')
+    broken[2].write_bytes(b'not an image')
+    # 74 training files in batches of 2: every file is drawn every epoch, and each bad one counted once an epoch
     config = tiny_run_config(tmp_path, **{'data.dataset': 'imagefolder', 'data.root': str(tmp_path / 'data'),
-                                          'data.batch_size': 8, 'schedule.epochs': 1})
+                                          'data.batch_size': 2, 'schedule.epochs': 2})
     proc = run_cli('train', '-c', config)
     assert proc.returncode == 0, proc.stderr
-    assert 'skipped 1 unreadable images' in proc.stderr
-    row = json.loads((tmp_path / 'runs' / 'tiny' / 'metrics.jsonl').read_text().splitlines()[0])
-    assert row['skipped_images'] >= 1
+    assert 'skipped 3 unreadable images' in proc.stderr
+    run_dir = tmp_path / 'runs' / 'tiny'
+    rows = [json.loads(line) for line in (run_dir / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['skipped_images'] for r in rows] == [3, 3]
+    assert (run_dir / 'unreadable.txt').read_text().splitlines() == sorted(map(str, broken))
     strict = run_cli('train', '-c', config, '-o', 'data.on_corrupt=error', '-o', 'experiment=strict')
-    assert strict.returncode == 1 and 'broken.png' in strict.stderr.strip().splitlines()[-1]
+    last_line = strict.stderr.strip().splitlines()[-1]
+    assert strict.returncode == 1 and any(p.name in last_line for p in broken[:2])
 
 
 def test_bad_configs_fail_before_training(tmp_path):

@@ -207,6 +207,7 @@ class DistillConfig(_Section):
 class Config(_Section):
     experiment: str | None = Field(None, description='run folder name (default: the config file name)')
     output_dir: str = 'runs'
+    task: str = Field('classification', description='what is trained: a task registered in xcit.tasks')
     seed: int = Field(0, ge=0, lt=2**63)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)

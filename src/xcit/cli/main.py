@@ -7,7 +7,7 @@ import sys
 
 from ..checkpoints import CheckpointError
 from ..data.datasets import UnreadableImageError
-from ..engine.trainer import TrainingDiverged
+from ..engine import TrainingDiverged
 from . import attention, bench, convert, export, extract_weights, models, predict, train
 from ._weights import error
 

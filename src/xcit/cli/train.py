@@ -43,7 +43,7 @@ def _report(metrics: dict) -> None:
 def run_train(args: argparse.Namespace) -> int:
     import os
 
-    from ..engine import run
+    from ..tasks import run
     config = load_config(args.config, args.override)
     result = run(config, resume=args.resume, load=args.load, evaluate_only=args.evaluate_only)
     if int(os.environ.get('RANK', 0)) != 0:  # under torchrun, one process reports

@@ -11,7 +11,7 @@ from ..registry import IMAGENET_MEAN, IMAGENET_STD
 from .datasets import DigitsSource, SampleSource, TransformedDataset, collate, image_folder, label_list
 from .samplers import ShardSampler, TrainSampler
 
-__all__ = ['DataBundle', 'build_data', 'build_eval_transform', 'build_mixup', 'build_source', 'build_train_transform']
+__all__ = ['DataBundle', 'EpochLoader', 'build_data', 'build_eval_transform', 'build_mixup', 'build_source', 'build_train_transform']
 
 
 def build_source(config: Config, split: str) -> SampleSource:
@@ -68,29 +68,47 @@ def build_mixup(config: Config, num_classes: int):
                  mode=aug.mixup_mode, label_smoothing=aug.smoothing, num_classes=num_classes)
 
 
+class EpochLoader:
+    """Training batches epoch by epoch, as the engine drives them: `set_epoch(epoch, start_batch)`
+    shuffles and augments for that epoch and leaves out the batches a resumed run already trained on."""
+
+    def __init__(self, loader: DataLoader, sampler: TrainSampler, dataset: TransformedDataset):
+        self.loader, self.sampler, self.dataset = loader, sampler, dataset
+        self.batch_size = loader.batch_size
+        self.batches_per_epoch = len(loader)  # counted before any skip
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+        self.sampler.skip(start_batch * self.batch_size)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
 @dataclass
 class DataBundle:
-    train: DataLoader | None
+    train: EpochLoader | None
     val: DataLoader
-    train_sampler: TrainSampler | None
     classes: list[str]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.train_sampler.set_epoch(epoch)
-        self.train.dataset.set_epoch(epoch)
 
 
 def build_data(config: Config, model_cfg: dict, train_source: SampleSource | None, val_source: SampleSource,
                rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataBundle:
     """Loaders for training (sharded, shuffled, resumable; none without a source) and evaluation (sharded, exact)."""
     data = config.data
-    common = dict(num_workers=data.num_workers, collate_fn=collate, pin_memory=pin_memory)
+    # a generator of the loader's own: workers' base seeds then leave the global generator alone
+    common = dict(num_workers=data.num_workers, collate_fn=collate, pin_memory=pin_memory,
+                  generator=torch.Generator().manual_seed(config.seed))
     val_set = TransformedDataset(val_source, build_eval_transform(config, model_cfg), training=False,
                                  on_corrupt=data.on_corrupt, seed=config.seed)
     val = DataLoader(val_set, batch_size=data.eval_batch_size or data.batch_size,
                      sampler=ShardSampler(len(val_set), world_size, rank), **common)
     if train_source is None:
-        return DataBundle(None, val, None, val_source.classes)
+        return DataBundle(None, val, val_source.classes)
     if len(train_source) < data.batch_size * world_size:
         raise ConfigError(f'the training set has {len(train_source)} images, fewer than one global batch '
                           f'({data.batch_size} x {world_size} processes)')
@@ -98,4 +116,4 @@ def build_data(config: Config, model_cfg: dict, train_source: SampleSource | Non
                                    on_corrupt=data.on_corrupt, seed=config.seed)
     sampler = TrainSampler(len(train_set), world_size, rank, seed=config.seed, repeats=config.augment.repeated_aug)
     train = DataLoader(train_set, batch_size=data.batch_size, sampler=sampler, drop_last=True, **common)
-    return DataBundle(train, val, sampler, train_source.classes)
+    return DataBundle(EpochLoader(train, sampler, train_set), val, train_source.classes)

@@ -8,16 +8,15 @@ image (`skip`, counted and reported).
 from __future__ import annotations
 
 import os
-import random
-import zlib
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
 from ..config import ConfigError
+from ..seeding import rng_scope, sample_seed
 
 # what PIL raises for truncated, corrupt or non-image files, and for headers declaring a decompression bomb
 IMAGE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
@@ -175,17 +174,6 @@ class UnreadableImageError(RuntimeError):
     """An image that cannot be decoded, with `on_corrupt: error`."""
 
 
-def sample_seed(*parts: int) -> int:
-    """A stable 32-bit seed from integers (Python's hash() of ints is not mixed enough)."""
-    return zlib.crc32(np.asarray(parts, dtype=np.int64).tobytes())
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 class TransformedDataset(torch.utils.data.Dataset):
     """Reads and transforms one sample; its randomness depends only on (seed, epoch, index).
 
@@ -224,17 +212,23 @@ class TransformedDataset(torch.utils.data.Dataset):
                 if not self.training:
                     return None, self.source.targets[i], skipped
                 continue
-            seed_everything(sample_seed(self.seed, self.epoch, index))
-            return self.transform(image), self.source.targets[i], skipped
+            with rng_scope(sample_seed(self.seed, self.epoch, index)):
+                return self.transform(image), self.source.targets[i], skipped
         raise RuntimeError('no readable image in the dataset')
 
 
-def collate(batch):
+class Batch(NamedTuple):
+    images: torch.Tensor  # (B, 3, H, W)
+    targets: torch.Tensor  # (B,)
+    unreadable: list[str]  # the samples left out: the engine counts and lists them
+
+
+def collate(batch) -> Batch:
     """Stack the readable samples; report the unreadable ones alongside."""
     skipped = [path for _, _, paths in batch for path in paths]
     kept = [(image, target) for image, target, _ in batch if image is not None]
     if not kept:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), skipped)
     images = torch.stack([image for image, _ in kept])
     targets = torch.tensor([target for _, target in kept], dtype=torch.long)
-    return images, targets, skipped
+    return Batch(images, targets, skipped)

@@ -2,40 +2,20 @@
 
 Each file is written under a temporary name and renamed into place, so `last.pth`
 is always a complete checkpoint, even when the process is killed mid-write.
-Files load with `torch.load(weights_only=True)`: RNG states are stored as
-tensors and plain Python values, never as pickled objects.
+Files load with `torch.load(weights_only=True)`: they hold tensors and plain
+Python values only. No random-generator state is stored: every step and every
+sample runs in an RNG scope seeded from its position in the run (`xcit.seeding`).
 """
 from __future__ import annotations
 
 import os
-import random
 import shutil
 from pathlib import Path
 
-import numpy as np
 import torch
 
 FORMAT = 'xcit-train'
-FORMAT_VERSION = 1
-
-
-def rng_state() -> dict:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = dict(python=random.getstate(), torch=torch.get_rng_state(),
-                 numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
-                            has_gauss=int(has_gauss), cached=float(cached)))
-    if torch.cuda.is_available():
-        state['cuda'] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    random.setstate(state['python'])
-    torch.set_rng_state(state['torch'])
-    n = state['numpy']
-    np.random.set_state((n['kind'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached']))
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+FORMAT_VERSION = 2  # 2: the task's engine layout (`best`, `task`); no RNG state
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -46,7 +26,7 @@ def atomic_save(obj, path: Path) -> None:
 
 
 class CheckpointWriter:
-    """`last.pth` (every epoch, and every N steps if asked), `best.pth` by top-1, the last N `epoch_*.pth`."""
+    """`last.pth` (every epoch, and every N steps if asked), `best.pth` by the task's metric, the last N `epoch_*.pth`."""
 
     def __init__(self, run_dir: Path, keep_last: int):
         self.run_dir = run_dir

@@ -1,6 +1,7 @@
 """Process-group setup for `torchrun` (gloo on CPU, nccl on CUDA) and the collectives training needs."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -52,14 +53,22 @@ def init_distributed(device_name: str = 'auto', timeout_s: int = 1800) -> DistEn
     return DistEnv(rank, world_size, local_rank, device)
 
 
+@contextlib.contextmanager
+def distributed_session(device_name: str = 'auto'):
+    """The process group of a `torchrun` launch (or one process) for the duration of a run."""
+    env = init_distributed(device_name)
+    try:
+        yield env
+        # a gloo rank that tears its group down while rank 0 still writes checkpoints aborts the process
+        barrier(env)
+    finally:
+        if env.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
-
-
-def cleanup(env: DistEnv) -> None:
-    if env.distributed and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
@@ -69,6 +78,15 @@ def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
         dist.all_reduce(buffer)
         t.copy_(buffer)
     return t
+
+
+def all_gather_union(names: set[str], env: DistEnv) -> set[str]:
+    """The union of every rank's set of names."""
+    if not env.distributed:
+        return set(names)
+    gathered: list = [None] * env.world_size
+    dist.all_gather_object(gathered, sorted(names))
+    return {name for part in gathered for name in part}
 
 
 def average_batchnorm_buffers(model: nn.Module, env: DistEnv) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..config import Config
+from ..config import OptimConfig, ScheduleConfig
 
 
 def decay_groups(model: nn.Module, weight_decay: float, rule: str = 'official',
@@ -35,17 +35,15 @@ def decay_groups(model: nn.Module, weight_decay: float, rule: str = 'official',
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
-def peak_lr(config: Config, world_size: int) -> float:
-    """The configured lr, scaled linearly with the global batch when `optim.scale_lr` (official recipe)."""
-    optim = config.optim
+def peak_lr(optim: OptimConfig, global_batch: int) -> float:
+    """The configured lr, scaled linearly with the global batch (all ranks and accumulation steps)
+    when `optim.scale_lr` (official recipe)."""
     if not optim.scale_lr:
         return optim.lr
-    global_batch = config.data.batch_size * world_size * optim.accum_steps
     return optim.lr * global_batch / optim.lr_base_batch
 
 
-def build_optimizer(model: nn.Module, config: Config, lr: float) -> torch.optim.Optimizer:
-    optim = config.optim
+def build_optimizer(model: nn.Module, optim: OptimConfig, lr: float) -> torch.optim.Optimizer:
     groups = decay_groups(model, optim.weight_decay, optim.no_decay, optim.no_decay_names)
     return torch.optim.AdamW(groups, lr=lr, betas=optim.betas, eps=optim.eps)
 
@@ -73,7 +71,6 @@ class WarmupCosine:
         return lr
 
 
-def build_schedule(config: Config, lr: float, steps_per_epoch: int) -> WarmupCosine:
-    s = config.schedule
+def build_schedule(s: ScheduleConfig, lr: float, steps_per_epoch: int) -> WarmupCosine:
     return WarmupCosine(peak_lr=lr, total_steps=s.epochs * steps_per_epoch,
                         warmup_steps=round(s.warmup_epochs * steps_per_epoch), warmup_lr=s.warmup_lr, min_lr=s.min_lr)
