@@ -115,6 +115,31 @@ def test_paddle_pickle_cannot_reach_other_codecs(tmp_path):
         read_checkpoint(path)
 
 
+def test_pickle_that_references_one_list_a_billion_times_loads_at_once(tmp_path, capsys):
+    nested = [np.zeros(1, np.float32)]
+    for _ in range(30):
+        nested = [nested, nested]  # 2**30 paths to one array, in a few hundred bytes
+    path = tmp_path / 'laughs.pdparams'
+    path.write_bytes(pickle.dumps({'backbone.w': nested}, protocol=4))
+    assert path.stat().st_size < 1000
+    start = time.perf_counter()
+    code, _, err = cli(capsys, 'convert', path, tmp_path / 'out.pth')
+    assert time.perf_counter() - start < 10
+    assert_one_error(code, err, str(path), 'not tensors')
+
+
+def test_stored_config_alias_bomb_in_a_training_checkpoint(tmp_path, model, capsys):
+    nested = ['lol'] * 10
+    for _ in range(8):
+        nested = [nested] * 10
+    path = tmp_path / 'run.pth'
+    torch.save({'model': model.state_dict(), 'config': {'optim': {'no_decay_names': nested}}}, path)
+    start = time.perf_counter()
+    code, _, err = cli(capsys, 'predict', '--model', NAME, '--checkpoint', path, _png(tmp_path / 'i.png'))
+    assert time.perf_counter() - start < 30
+    assert_one_error(code, err, str(path), 'more than 100,000 values')
+
+
 # --- 2. NaN and infinity in weights --------------------------------------------------------------
 
 def _nonfinite_state_dict(model, count: int) -> dict:

@@ -91,20 +91,28 @@ def _to_tensor(array: np.ndarray, key: str) -> torch.Tensor:
         raise _NotNumeric(key, dtype) from None
 
 
-def _to_torch(obj: Any, key: str = '') -> Any:
+def _to_torch(obj: Any, key: str = '', done: dict[int, Any] | None = None) -> Any:
     """Arrays -> tensors, Paddle's (name, array) pairs -> tensors, containers recursively.
 
     `key` is where `obj` sits in the file (`state_dict.backbone.cls_token`), for error messages.
+    A pickle can reference one object many times (a few hundred bytes can nest lists
+    2**30 references deep), so each object is converted once and shared, as in the file.
     """
+    done = {} if done is None else done
+    if id(obj) in done:
+        return done[id(obj)]
     if isinstance(obj, np.ndarray):
-        return _to_tensor(obj, key or '(top level)')
-    if isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], str) and isinstance(obj[1], np.ndarray):
-        return _to_torch(obj[1], key)
-    if isinstance(obj, dict):
-        return {k: _to_torch(v, f'{key}.{k}' if key else str(k)) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_torch(v, f'{key}[{i}]') for i, v in enumerate(obj))
-    return obj
+        out = _to_tensor(obj, key or '(top level)')
+    elif isinstance(obj, tuple) and len(obj) == 2 and isinstance(obj[0], str) and isinstance(obj[1], np.ndarray):
+        out = _to_torch(obj[1], key, done)
+    elif isinstance(obj, dict):
+        out = {k: _to_torch(v, f'{key}.{k}' if key else str(k), done) for k, v in obj.items()}
+    elif isinstance(obj, (list, tuple)):
+        out = type(obj)(_to_torch(v, f'{key}[{i}]', done) for i, v in enumerate(obj))
+    else:
+        return obj
+    done[id(obj)] = out
+    return out
 
 
 def _one_line(error: BaseException) -> str:
