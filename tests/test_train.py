@@ -58,11 +58,15 @@ def test_predict_names_the_class(finished, tmp_path):
     digits = DigitsSource('val', size=16)
     image = tmp_path / 'digit.png'
     digits.load(0).save(image)
-    proc = run_cli('predict', '--model', 'xcit_nano_12_p8_224', '--checkpoint', result.run_dir / 'last.pth', image,
-                   '--topk', '3')
+    state = torch.load(result.run_dir / 'last.pth', weights_only=True)
+    state['task']['classes'] = [f'digit-{i}' for i in range(10)]  # names the run's data would have given
+    named = tmp_path / 'named.pth'
+    torch.save(state, named)
+    proc = run_cli('predict', '--model', 'xcit_nano_12_p8_224', '--checkpoint', named, image, '--topk', '3')
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip()
     assert line.startswith(f'{image}: ') and len(line.split(', ')) == 3
+    assert all(part.startswith('digit-') for part in line.split(': ', 1)[1].split(', '))  # labelled by name
     assert run_cli('predict', '--model', 'xcit_nano_12_p8_224', '--checkpoint', result.run_dir / 'last.pth',
                    tmp_path / 'missing.png').returncode == 2
 

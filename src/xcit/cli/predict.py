@@ -25,8 +25,11 @@ def add_parser(sub) -> None:
 
 
 def class_names(raw) -> list[str] | None:
-    """The class names a training checkpoint stores, when they are a list of strings."""
-    classes = raw.get('classes') if isinstance(raw, dict) else None
+    """The class names a training checkpoint stores (its classification task's state; at the top level in
+    checkpoints of format version 1), when they are strings."""
+    if not isinstance(raw, dict):
+        return None
+    classes = raw['task'].get('classes') if isinstance(raw.get('task'), dict) else raw.get('classes')
     if isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes):
         return list(classes)
     return None
