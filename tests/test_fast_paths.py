@@ -88,6 +88,10 @@ def test_the_path_is_chosen_at_build_time_shown_and_switched_for_the_whole_model
     assert get_fast_path(model) == 'reference'
     with pytest.raises(ValueError, match='fast path'):
         set_fast_path(model, 'mkl')
+    monkeypatch.setattr(layers, '_onednn_linear_works', lambda: False)  # a build without the op
+    with pytest.raises(ValueError, match='no working oneDNN linear'):
+        set_fast_path(model, 'onednn')
+    monkeypatch.undo()
     monkeypatch.setenv('XCIT_ONEDNN_LINEAR', '0')  # read when a model is built
     assert get_fast_path(xcit.create_model('cvt_13_224')) == 'reference'
 
@@ -268,16 +272,43 @@ def test_folding_covers_the_xcit_stem_and_cvt_projections():
             assert (model(x) - reference).abs().max() < 1e-5 * max(1.0, reference.abs().max().item())
 
 
-def test_stem_inference_path_matches_its_modules():
-    """Eval without gradients folds BN into the convs and runs GELU in place; with them, the modules run."""
+def test_folding_is_batchnorm_of_the_conv():
+    """fold_conv_bn against PyTorch's own conv-BN fusion, with and without a conv bias."""
+    torch.manual_seed(0)
+    for conv in (nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.Conv2d(4, 6, 3, stride=2, padding=1)):
+        bn = perturb_(nn.BatchNorm2d(6), scale=0.3).eval()
+        conv.eval()
+        weight, bias = layers.fold_conv_bn(conv, bn)
+        expected = torch.nn.utils.fusion.fuse_conv_bn_eval(conv, bn)
+        assert torch.allclose(weight, expected.weight, atol=1e-6) and torch.allclose(bias, expected.bias, atol=1e-6)
+
+
+def test_stem_folds_batchnorm_only_in_inference_on_its_fast_path():
+    """On 'onednn', in eval mode with nothing for autograd to record, no BatchNorm module runs (each is folded into
+    its conv) and the tokens are those of the modules; in training, under autograd or on 'reference' they run."""
     torch.manual_seed(0)
     model = perturb_(xcit.create_model('xcit_tiny_12_p16_224')).eval()
+    stem = model.patch_embed
+    bn_calls = []
+    for module in stem.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.register_forward_hook(lambda *_: bn_calls.append(1))
     x = torch.randn(2, 3, 80, 72)
     with torch.no_grad():
-        fast, grid = model.patch_embed(x)
+        stem.train()(x)  # training: BatchNorm uses (and updates) batch statistics
+        assert len(bn_calls) == 4
+        bn_calls.clear()
+        folded, grid = stem.eval()(x)
+    assert stem.impl == 'onednn' and not bn_calls and grid == (5, 5)
     with torch.enable_grad():
-        reference, _ = model.patch_embed(x)
-    assert grid == (5, 5) and (fast - reference).abs().max() < 1e-5
-    xcit.models.fold_batchnorm(model)  # already folded: the inference path runs the plain convs
+        modules, _ = stem(x)  # autograd records: the modules run
+    assert len(bn_calls) == 4 and (folded - modules).abs().max() < 1e-5
+    bn_calls.clear()
+    set_fast_path(model, 'reference')
     with torch.no_grad():
-        assert (model.patch_embed(x)[0] - reference).abs().max() < 1e-5
+        assert torch.allclose(stem(x)[0], modules, atol=1e-6)
+    assert len(bn_calls) == 4
+    set_fast_path(model, 'onednn')
+    xcit.models.fold_batchnorm(model)  # folded for good: the fast path runs the plain convs
+    with torch.no_grad():
+        assert (stem(x)[0] - modules).abs().max() < 1e-5

@@ -16,13 +16,13 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from ..models.layers import Linear, set_fast_path
+from ..models.layers import FastPathModule, set_fast_path
 
 
 @contextmanager
 def reference_path(model: nn.Module) -> Iterator[nn.Module]:
-    """`model` on its reference path inside the block, each Linear back on its own path after it."""
-    saved = [(module, module.impl) for module in model.modules() if isinstance(module, Linear)]
+    """`model` on its reference path inside the block, each module back on its own path after it."""
+    saved = [(module, module.impl) for module in model.modules() if isinstance(module, FastPathModule)]
     set_fast_path(model, 'reference')
     try:
         yield model

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 # models) and can apply the bias and an exact GELU in the same pass. The maths is
 # unchanged: x @ W^T + b, then erf-GELU.
 #
-# Each `Linear` says which path it takes (`impl`, shown by print(model)): 'onednn', or
-# 'reference' (`F.linear`, the readable maths and the portable graph for export).
+# Each module with a fast path (`Linear`; XCiT's stem, which folds BatchNorm in inference)
+# says which path it takes (`impl`, shown by print(model)): 'onednn', or 'reference' (the
+# readable maths, `F.linear` and the modules as written, and the portable graph for export).
 # A model is built on `default_fast_path()` and switched as a whole by `set_fast_path`.
 
 FAST_PATHS = ('onednn', 'reference')
@@ -56,20 +57,35 @@ def _check_path(path: str) -> str:
     return path
 
 
+class FastPathModule:
+    """A module with a fast path beside its reference maths; `impl` ('onednn' or 'reference') says which it takes."""
+
+    impl: str
+
+    def _init_fast_path(self, impl: str | None) -> None:
+        self.impl = _check_path(impl or default_fast_path())
+
+    def extra_repr(self) -> str:
+        own = super().extra_repr()
+        return f'{own}, impl={self.impl}' if own else f'impl={self.impl}'
+
+
 def set_fast_path(model: nn.Module, path: str) -> nn.Module:
-    """Put every `Linear` of `model` on `path` ('onednn' or 'reference'); returns the model."""
+    """Put every module of `model` that has a fast path on `path` ('onednn' or 'reference'); returns the model."""
     _check_path(path)
+    if path == 'onednn' and not _onednn_linear_works():
+        raise ValueError("this PyTorch build has no working oneDNN linear; use 'reference'")
     for module in model.modules():
-        if isinstance(module, Linear):
+        if isinstance(module, FastPathModule):
             module.impl = path
     return model
 
 
 def get_fast_path(model: nn.Module) -> str | None:
-    """The path the Linear layers of `model` take (None if it has none)."""
-    paths = {module.impl for module in model.modules() if isinstance(module, Linear)}
+    """The path the modules of `model` take (None if none of them has a fast path)."""
+    paths = {module.impl for module in model.modules() if isinstance(module, FastPathModule)}
     if len(paths) > 1:
-        raise ValueError(f'the Linear layers take different paths ({", ".join(sorted(paths))}); see set_fast_path')
+        raise ValueError(f'the modules take different paths ({", ".join(sorted(paths))}); see set_fast_path')
     return next(iter(paths), None)
 
 
@@ -140,6 +156,12 @@ def autocast_active(t: torch.Tensor) -> bool:
     return t.device.type != 'meta' and torch.is_autocast_enabled(t.device.type)
 
 
+def autograd_records(*tensors: torch.Tensor) -> bool:
+    """Whether an op on these tensors will be recorded for a backward pass (which in-place and
+    inference-only kernels would break)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _onednn_mode(x: torch.Tensor, *weights: torch.Tensor) -> str | None:
     """How the oneDNN op can take these operands: None where it cannot compute what F.linear would
     (it is a CPU float32 kernel: another device, dtype or autocast's lower precision), 'train' where
@@ -147,8 +169,7 @@ def _onednn_mode(x: torch.Tensor, *weights: torch.Tensor) -> str | None:
     if x.device.type != 'cpu' or x.dtype != torch.float32 or torch.is_autocast_enabled('cpu') or any(
             w.dtype != torch.float32 for w in weights):
         return None
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
-    return 'train' if needs_grad else 'infer'
+    return 'train' if autograd_records(x, *weights) else 'infer'
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False,
@@ -167,19 +188,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-class Linear(nn.Linear):
+class Linear(FastPathModule, nn.Linear):
     """nn.Linear (same parameters and state-dict keys) computed by `linear` on the path `impl` names."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
                  impl: str | None = None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.impl = _check_path(impl or default_fast_path())
+        self._init_fast_path(impl)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, impl=self.impl)
 
-    def extra_repr(self) -> str:
-        return f'{super().extra_repr()}, impl={self.impl}'
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of one convolution computing bn(conv(x)) with BatchNorm's running statistics."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)  # (C_out,)
+    bias = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return conv.weight * scale.view(-1, 1, 1, 1), bias
 
 
 class DropPath(nn.Module):

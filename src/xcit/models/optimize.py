@@ -1,9 +1,12 @@
 """Inference-only rewrites: BatchNorm folded into the convolution before it, then torch.compile."""
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from .layers import fold_conv_bn
 
 
 def fold_batchnorm(model: nn.Module) -> int:
@@ -22,7 +25,12 @@ def fold_batchnorm(model: nn.Module) -> int:
         for first, second in zip(names, names[1:]):
             conv, bn = module._modules[first], module._modules[second]
             if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
-                module._modules[first] = fuse_conv_bn_eval(conv, bn)
+                with torch.no_grad():
+                    weight, bias = fold_conv_bn(conv, bn)
+                fused = copy.deepcopy(conv)
+                fused.weight = nn.Parameter(weight, requires_grad=conv.weight.requires_grad)
+                fused.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
+                module._modules[first] = fused
                 module._modules[second] = nn.Identity()
                 folded += 1
     return folded

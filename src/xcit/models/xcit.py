@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._base import ClassifierMixin, Trunk, create_family, head_classes, init_weights, shared_cfg
-from .layers import DropPath, Linear, Mlp, autocast_active, linear, take_indices
+from .layers import (DropPath, FastPathModule, Linear, Mlp, autocast_active, autograd_records, fold_conv_bn, linear,
+                     take_indices)
 from ..registry import CheckpointAdapter, WeightsGuess, register_alias, register_checkpoint_adapter, register_model
 
 __all__ = ['XCiT', 'XCiTDense', 'checkpoint_filter_fn']
@@ -72,14 +73,21 @@ def _conv_bn(in_chs: int, out_chs: int) -> nn.Sequential:
     )
 
 
-class ConvPatchEmbed(nn.Module):
+class ConvPatchEmbed(FastPathModule, nn.Module):
     """log2(patch) stride-2 3x3 conv+BN units with GELU between them (none after the last).
 
     Each unit maps a side L to ceil(L/2), which is why inputs that are not a
     multiple of the patch size still give a well-defined grid.
+
+    The first maps are the largest tensors of the whole network (16 x 112 x 112 per
+    image for nano at 224). On the 'onednn' path, in inference (eval mode, nothing for
+    autograd to record), each BatchNorm is folded into its conv and GELU runs in place,
+    so no BN or GELU output is materialised beside them: a lower memory peak and two
+    passes fewer over those maps. The modules as written are the 'reference' path.
     """
 
-    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, act_layer=nn.GELU):
+    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, act_layer=nn.GELU,
+                 impl: str | None = None):
         super().__init__()
         if patch_size not in (8, 16):
             raise ValueError(f'XCiT has conv stems for patch sizes 8 and 16, not {patch_size}')
@@ -92,35 +100,25 @@ class ConvPatchEmbed(nn.Module):
             layers.append(_conv_bn(in_chans if i == 0 else widths[i - 1], width))
         self.proj = nn.Sequential(*layers)
         self.patch_size = patch_size
+        self._init_fast_path(impl)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        if self.training or torch.is_grad_enabled():
-            # channels-last: oneDNN convolves it without reordering, and the tokens below come out contiguous
-            x = self.proj(x.contiguous(memory_format=torch.channels_last))  # (B, D, Hp, Wp)
+        # channels-last: oneDNN convolves it without reordering, and the tokens below come out contiguous
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.impl == 'onednn' and not self.training and not autograd_records(x, *self.parameters()):
+            x = self._forward_folded(x)
         else:
-            x = self._forward_inference(x)
+            x = self.proj(x)  # (B, D, Hp, Wp)
         Hp, Wp = x.shape[-2:]
         # contiguous tokens: otherwise every residual add keeps the conv's layout and every LayerNorm copies
         return x.flatten(2).transpose(1, 2).contiguous(), (Hp, Wp)  # (B, N, D)
 
-
-    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
-        """`self.proj(x)` with BatchNorm folded into each conv and GELU applied in place.
-
-        The stem's first maps are the largest tensors of the whole network (16 x 112 x 112
-        per image for nano at 224); not materialising the BN and GELU outputs beside them
-        lowers the inference memory peak. Channels-last maps go through oneDNN's convolutions
-        without being reordered into a second copy.
-        """
-        x = x.contiguous(memory_format=torch.channels_last)
+    def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
+        """`self.proj(x)` in eval mode, with BatchNorm folded into each conv and GELU applied in place."""
         for layer in self.proj:
-            if isinstance(layer, nn.Sequential):  # conv -> BN (or Identity once folded)
+            if isinstance(layer, nn.Sequential):  # conv -> BN (or Identity once fold_batchnorm ran)
                 conv, bn = layer
-                weight, bias = conv.weight, conv.bias
-                if isinstance(bn, nn.BatchNorm2d):
-                    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-                    weight = weight * scale.view(-1, 1, 1, 1)
-                    bias = bn.bias - bn.running_mean * scale + (bias * scale if bias is not None else 0)
+                weight, bias = fold_conv_bn(conv, bn) if isinstance(bn, nn.BatchNorm2d) else (conv.weight, conv.bias)
                 x = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
             elif type(layer) is nn.GELU and layer.approximate == 'none':
                 x = torch.ops.aten.gelu_(x)
