@@ -103,12 +103,12 @@ class ConvPatchEmbed(FastPathModule, nn.Module):
         self._init_fast_path(impl)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        # channels-last: oneDNN convolves it without reordering, and the tokens below come out contiguous
-        x = x.contiguous(memory_format=torch.channels_last)
+        # channels-last: oneDNN convolves it without reordering, and the tokens below come out contiguous;
+        # passed straight in, so that no name here keeps the reordered copy of the image alive
         if self.impl == 'onednn' and not self.training and not autograd_records(x, *self.parameters()):
-            x = self._forward_folded(x)
+            x = self._forward_folded(x.contiguous(memory_format=torch.channels_last))
         else:
-            x = self.proj(x)  # (B, D, Hp, Wp)
+            x = self.proj(x.contiguous(memory_format=torch.channels_last))  # (B, D, Hp, Wp)
         Hp, Wp = x.shape[-2:]
         # contiguous tokens: otherwise every residual add keeps the conv's layout and every LayerNorm copies
         return x.flatten(2).transpose(1, 2).contiguous(), (Hp, Wp)  # (B, N, D)
