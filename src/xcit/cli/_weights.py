@@ -24,6 +24,14 @@ def error(command: str, message: object) -> None:
     print(f'xcit {command}: error: {one_line(str(message))}', file=sys.stderr, flush=True)
 
 
+def report_problems(command: str, inputs: list[tuple[Any, str | None]]) -> int:
+    """One error line per (input, problem) pair that has a problem; how many had one."""
+    problems = [problem for _, problem in inputs if problem is not None]
+    for problem in problems:
+        error(command, problem)
+    return len(problems)
+
+
 def run_config(raw: Any, source: str):
     """The run config a training checkpoint stores, validated; None when the checkpoint has none."""
     from ..config import validate_config

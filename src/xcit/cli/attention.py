@@ -57,18 +57,14 @@ def _output_name(path: str, used: set[str]) -> str:
 def run(args: argparse.Namespace) -> int:
     from ..data.datasets import image_files
     from ..viz import attention_maps, plot_attention
-    from ._weights import error, model_with_weights
+    from ._weights import error, model_with_weights, report_problems
 
     if args.image_size is not None and not 0 <= args.image_size <= MAX_IMAGE_SIZE:
         raise ValueError(f'--image-size must be between 0 and {MAX_IMAGE_SIZE}, not {args.image_size}')
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f'--out {args.out}: is a file; the PNGs go into a folder')
     inputs = image_files(args.images)
-    failed = 0
-    for _, problem in inputs:
-        if problem is not None:
-            error(args.command, problem)
-            failed += 1
+    failed = report_problems(args.command, inputs)
     if failed == len(inputs):
         return 2
     model, _ = model_with_weights(args.model, args.checkpoint)

@@ -39,18 +39,14 @@ def run(args: argparse.Namespace) -> int:
     from ..config import Config
     from ..data import build_eval_transform
     from ..data.datasets import image_files, read_image
-    from ._weights import error, model_with_weights, run_config
+    from ._weights import error, model_with_weights, report_problems, run_config
 
     if args.topk < 1:
         raise ValueError(f'--topk must be at least 1, not {args.topk}')
     if args.image_size is not None and not 8 <= args.image_size <= MAX_IMAGE_SIZE:
         raise ValueError(f'--image-size must be between 8 and {MAX_IMAGE_SIZE}, not {args.image_size}')
     inputs = image_files(args.images)
-    failed = 0
-    for _, problem in inputs:
-        if problem is not None:
-            error(args.command, problem)
-            failed += 1
+    failed = report_problems(args.command, inputs)
     if failed == len(inputs):
         return 2
     model, raw = model_with_weights(args.model, args.checkpoint)
