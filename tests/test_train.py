@@ -75,7 +75,9 @@ def _model_state(path):
     return torch.load(path, weights_only=True)['model']
 
 
-def test_resume_after_sigkill_is_bit_exact(tmp_path):
+def test_resume_after_sigkill_is_bit_exact(tmp_path, monkeypatch):
+    # the reference run and the killed one take the same fast paths (the resumed one takes the checkpoint's)
+    monkeypatch.setenv('XCIT_FAST_PATH_CACHE', str(tmp_path / 'fast_paths.json'))
     config = tiny_run_config(tmp_path, **{'schedule.epochs': 3, 'train.checkpoint_interval': 5})
     reference = run_cli('train', '-c', config, '-o', 'experiment=reference')
     assert reference.returncode == 0, reference.stderr
@@ -98,6 +100,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
     assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed mid-epoch'
     interrupted = torch.load(last, weights_only=True)
     assert interrupted['epoch'] == 1 and interrupted['batch_in_epoch'] > 0
+    assert interrupted['fast_paths'] and all(d['path'] in d['times_ms'] for d in interrupted['fast_paths'].values())
 
     resumed = run_cli('train', '-c', config, '--resume', last)
     assert resumed.returncode == 0, resumed.stderr

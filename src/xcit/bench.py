@@ -164,7 +164,10 @@ def _peak_rss_kb() -> int:
     return peak // 1024 if platform.system() == 'Darwin' else peak
 
 
-def _measure_peak_mb(name: str, impl: str, mode: str, batch_size: int, img_size: int, device: str) -> float:
+def _measure_peak_mb(name: str, impl: str, mode: str, batch_size: int, img_size: int, device: str,
+                     fast_paths: dict) -> float:
+    from .models.fastpath import CHOOSER
+    CHOOSER.load_state_dict(fast_paths)  # the paths the timed run took, not a fresh draw of them
     torch.manual_seed(0)
     model = build_model(name, impl, img_size, device)
     step = make_step(model, mode, batch_size, img_size, device)
@@ -192,12 +195,14 @@ _MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': '65536', 'MALLOC_TRIM_THRESHOLD_': '655
 
 
 def peak_memory_mb(name: str, impl: str, mode: str, batch_size: int, img_size: int, device: str = 'cpu') -> float:
-    """Peak memory of one (warmed-up) step, measured in a fresh process."""
+    """Peak memory of one (warmed-up) step, measured in a fresh process on the fast paths chosen in this one."""
+    from .models.fastpath import CHOOSER
     saved = {k: os.environ.get(k) for k in _MALLOC_ENV}
     os.environ.update(_MALLOC_ENV)
     try:
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context('spawn')) as pool:
-            return pool.submit(_measure_peak_mb, name, impl, mode, batch_size, img_size, device).result()
+            return pool.submit(_measure_peak_mb, name, impl, mode, batch_size, img_size, device,
+                               CHOOSER.state_dict()).result()
     finally:
         for key, value in saved.items():
             if value is None:
@@ -343,9 +348,11 @@ def environment() -> dict:
     """What produced a measurement: enough to tell whether two are comparable."""
     from importlib.metadata import version
     from .models import default_fast_path
+    from .models.layers import onednn_linear_works
     info = dict(xcit=version('xcit'), torch=torch.__version__, python=platform.python_version(),
                 machine=platform.machine(), processor=_cpu_name(), cpu_count=os.cpu_count(),
-                torch_threads=torch.get_num_threads(), onednn_linear=default_fast_path() == 'onednn',
+                torch_threads=torch.get_num_threads(), fast_path=default_fast_path(),
+                onednn_linear=onednn_linear_works(),
                 mac_counter=MAC_COUNTER, date=time.strftime('%Y-%m-%d'))
     try:
         import timm

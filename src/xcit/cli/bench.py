@@ -69,6 +69,18 @@ def _print_sweep(results) -> None:
               f'{peak} {r.tokens / base.tokens:>9.2f} {r.step_time_ms / base.step_time_ms:>7.2f} {mem}')
 
 
+def _print_decisions() -> dict:
+    """Which path each 'auto' layer took here, and the timings it was chosen by."""
+    from ..models import fast_path_decisions
+    decisions = fast_path_decisions()
+    if decisions:
+        print('fast paths chosen here (per operation, shape and mode; XCIT_FAST_PATH=reference|fast forces one):')
+        width = max(map(len, decisions))
+        for key, d in decisions.items():
+            print(f"  {key:<{width}}  {d['path']:<20} {d['why']}")
+    return decisions
+
+
 def run(args: argparse.Namespace) -> int:
     from ..registry import is_model
     models = [m for m in args.model.split(',') if m]
@@ -108,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
                                      iters=args.iters, warmup=args.warmup, device=args.device,
                                      memory=not args.no_memory)
         _print_results(results)
+        extra['fast_paths'] = _print_decisions()
         extra['ratios'] = bench.ratios(results) if any(i.startswith('timm') for i in impls) else []
         for row in extra['ratios']:
             memory = f", memory x{row['memory_ratio']:.2f}" if row['memory_ratio'] is not None else ''

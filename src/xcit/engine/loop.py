@@ -23,6 +23,7 @@ from ..checkpoints.errors import CheckpointError
 from ..checkpoints.io import read_checkpoint
 from ..config import OptimConfig, ScheduleConfig, TrainConfig
 from ..models import compile_static
+from ..models.fastpath import CHOOSER
 from ..seeding import rng_scope, sample_seed
 from .checkpoint import FORMAT, FORMAT_VERSION, CheckpointWriter
 from .distributed import DistEnv, all_gather_union, all_reduce_sum, average_batchnorm_buffers
@@ -170,6 +171,10 @@ class _Trainer:
         if self.ema is not None and 'model_ema' in state:
             self.ema.module.load_state_dict(state['model_ema'])
         self.task.load_state_dict(state.get('task', {}))
+        try:  # the paths the interrupted run took: timing afresh could pick others and end bit-exactness
+            CHOOSER.load_state_dict(state.get('fast_paths') or {})
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f'the checkpoint\'s fast_paths entry is malformed ({e})') from None
         self.epoch, self.step, self.start_batch = state['epoch'], state['step'], state['batch_in_epoch']
         self.best = state['best']['value']
 
@@ -177,7 +182,7 @@ class _Trainer:
         state = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                      scaler=self.scaler.state_dict() if self.scaler else None, epoch=self.epoch, step=self.step,
                      batch_in_epoch=batch_in_epoch, best=dict(metric=self.task.best_metric, value=self.best),
-                     task=self.task.state_dict(), config=self.record)
+                     task=self.task.state_dict(), config=self.record, fast_paths=CHOOSER.state_dict())
         if self.ema is not None:
             state['model_ema'] = self.ema.module.state_dict()
         return state

@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from ..models.layers import FastPathModule, set_fast_path
+from ..models.fastpath import FastPathModule, set_fast_path
 
 
 @contextmanager

@@ -14,7 +14,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import Linear, get_fast_path, take_indices
+from .fastpath import get_fast_path
+from .layers import Linear, take_indices
 from ..registry import IMAGENET_MEAN, IMAGENET_STD
 
 State = Any  # what a family's layers hand each other: tokens and grid, a map and a class token, ...

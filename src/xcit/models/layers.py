@@ -2,33 +2,33 @@
 from __future__ import annotations
 
 import functools
-import os
+from functools import partial
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fastpath import FastPathModule, candidate_step, pick
+
 
 # --- linear layers through oneDNN ------------------------------------------------------------------
 #
 # PyTorch runs float32 matmuls on the CPU through BLAS (MKL). oneDNN, which PyTorch
-# ships for its convolutions, multiplies the same matrices about twice as fast on
-# some CPUs (measured on AMD EPYC with AVX-512: 2.2x for every GEMM shape of these
-# models) and can apply the bias and an exact GELU in the same pass. The maths is
-# unchanged: x @ W^T + b, then erf-GELU.
-#
-# Each module with a fast path (`Linear`; XCiT's stem, which folds BatchNorm in inference)
-# says which path it takes (`impl`, shown by print(model)): 'onednn', or 'reference' (the
-# readable maths, `F.linear` and the modules as written, and the portable graph for export).
-# A model is built on `default_fast_path()` and switched as a whole by `set_fast_path`.
+# ships for its convolutions, multiplies the same matrices at a different rate (2.2x
+# MKL's on an AMD EPYC; on an Intel Xeon a little faster forward and slower in the
+# backward pass) and can apply the bias and an exact GELU in the same pass. The maths
+# is unchanged: x @ W^T + b, then erf-GELU. Which of the two a layer runs is decided
+# by `fastpath` ('auto' times both for each shape on first use).
 
-FAST_PATHS = ('onednn', 'reference')
+
+_ONEDNN_OK = False  # what the probe found, for compiled graphs (which must not trace the probe itself)
 
 
 @functools.cache
-def _onednn_linear_works() -> bool:
+def onednn_linear_works() -> bool:
     """Whether this PyTorch build has oneDNN's fused linear and it computes F.linear + GELU (probed once)."""
+    global _ONEDNN_OK
     if not torch.backends.mkldnn.is_available():
         return False
     # fixed CPU float32 values, whatever device, dtype or autocast context the first model is built under,
@@ -39,54 +39,10 @@ def _onednn_linear_works() -> bool:
     try:  # a private op (inductor's CPU fusion uses it): check it exists and computes what it should
         with torch.no_grad(), torch.autocast('cpu', enabled=False):
             y = torch.ops.mkldnn._linear_pointwise(x, w, b, 'gelu', [], 'none')
-            return bool(torch.allclose(y, F.gelu(F.linear(x, w, b)), atol=1e-5))
+            _ONEDNN_OK = bool(torch.allclose(y, F.gelu(F.linear(x, w, b)), atol=1e-5))
     except (AttributeError, RuntimeError):
-        return False
-
-
-def default_fast_path() -> str:
-    """'onednn' where that op works here, unless XCIT_ONEDNN_LINEAR=0; else 'reference'. Read when a model is built."""
-    if os.environ.get('XCIT_ONEDNN_LINEAR', '1') == '0' or not _onednn_linear_works():
-        return 'reference'
-    return 'onednn'
-
-
-def _check_path(path: str) -> str:
-    if path not in FAST_PATHS:
-        raise ValueError(f"fast path must be one of {', '.join(FAST_PATHS)}, not {path!r}")
-    return path
-
-
-class FastPathModule:
-    """A module with a fast path beside its reference maths; `impl` ('onednn' or 'reference') says which it takes."""
-
-    impl: str
-
-    def _init_fast_path(self, impl: str | None) -> None:
-        self.impl = _check_path(impl or default_fast_path())
-
-    def extra_repr(self) -> str:
-        own = super().extra_repr()
-        return f'{own}, impl={self.impl}' if own else f'impl={self.impl}'
-
-
-def set_fast_path(model: nn.Module, path: str) -> nn.Module:
-    """Put every module of `model` that has a fast path on `path` ('onednn' or 'reference'); returns the model."""
-    _check_path(path)
-    if path == 'onednn' and not _onednn_linear_works():
-        raise ValueError("this PyTorch build has no working oneDNN linear; use 'reference'")
-    for module in model.modules():
-        if isinstance(module, FastPathModule):
-            module.impl = path
-    return model
-
-
-def get_fast_path(model: nn.Module) -> str | None:
-    """The path the modules of `model` take (None if none of them has a fast path)."""
-    paths = {module.impl for module in model.modules() if isinstance(module, FastPathModule)}
-    if len(paths) > 1:
-        raise ValueError(f'the modules take different paths ({", ".join(sorted(paths))}); see set_fast_path')
-    return next(iter(paths), None)
+        _ONEDNN_OK = False
+    return _ONEDNN_OK
 
 
 @torch.library.custom_op('xcit::onednn_linear', mutates_args=())
@@ -164,28 +120,44 @@ def autograd_records(*tensors: torch.Tensor) -> bool:
 
 def _onednn_mode(x: torch.Tensor, *weights: torch.Tensor) -> str | None:
     """How the oneDNN op can take these operands: None where it cannot compute what F.linear would
-    (it is a CPU float32 kernel: another device, dtype or autocast's lower precision), 'train' where
-    autograd will need its backward, else 'infer' (where bias and GELU fuse into the GEMM)."""
+    (it is a CPU float32 kernel: another device, dtype or autocast's lower precision, or a build
+    without it), 'train' where autograd will need its backward, else 'infer' (where bias and GELU
+    fuse into the GEMM)."""
     if x.device.type != 'cpu' or x.dtype != torch.float32 or torch.is_autocast_enabled('cpu') or any(
             w.dtype != torch.float32 for w in weights):
+        return None
+    if not (_ONEDNN_OK if torch.compiler.is_compiling() else onednn_linear_works()):
         return None
     return 'train' if autograd_records(x, *weights) else 'infer'
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False,
-           impl: str = 'reference') -> torch.Tensor:
-    """`F.linear(x, weight, bias)`, followed by exact GELU when `gelu`; through oneDNN with impl='onednn'."""
-    mode = _onednn_mode(x, weight) if impl == 'onednn' else None
-    if mode is None:
-        y = F.linear(x, weight, bias)
-        return F.gelu(y) if gelu else y
+def _linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
+    y = F.linear(x, weight, bias)
+    return F.gelu(y) if gelu else y
+
+
+def _linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-    if mode == 'train':
-        y = _onednn(x2, weight, bias, False)
-        y = F.gelu(y) if gelu else y
+    if autograd_records(x, weight):
+        y = F.gelu(_onednn(x2, weight, bias, False)) if gelu else _onednn(x2, weight, bias, False)
     else:
         y = _onednn(x2, weight, bias, gelu)  # bias and GELU fused into the GEMM
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False,
+           impl: str = 'reference') -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, followed by exact GELU when `gelu`; through oneDNN where `impl` takes the fast path."""
+    mode = _onednn_mode(x, weight) if impl != 'reference' else None
+    if mode is None:
+        return _linear_reference(x, weight, bias, gelu)
+    key = f'linear {mode} {x.numel() // x.shape[-1]}x{weight.shape[1]}->{weight.shape[0]}' \
+          f'{" +bias" if bias is not None else ""}{" +gelu" if gelu else ""}'
+    operands = (x, weight, bias)
+    train = mode == 'train'
+    path = pick(impl, key, dict(onednn=lambda: candidate_step(partial(_linear_onednn, gelu=gelu), operands, train),
+                                reference=lambda: candidate_step(partial(_linear_reference, gelu=gelu), operands, train)))
+    return (_linear_onednn if path == 'onednn' else _linear_reference)(x, weight, bias, gelu)
 
 
 class Linear(FastPathModule, nn.Linear):
@@ -228,29 +200,45 @@ class DropPath(nn.Module):
         return f'drop_prob={self.drop_prob}'
 
 
-class Mlp(nn.Module):
-    """Two-layer feed-forward network; `fc1`/`fc2` are the names every released checkpoint uses."""
+class Mlp(FastPathModule, nn.Module):
+    """Two-layer feed-forward network; `fc1`/`fc2` are the names every released checkpoint uses.
 
-    def __init__(self, in_features: int, hidden_features: int, act_layer=nn.GELU, drop: float = 0.0):
+    With exact GELU and no dropout, inference runs GELU inside fc1's GEMM where that
+    linear takes oneDNN, and training can run both layers as one oneDNN op that keeps
+    fc1's output and recomputes GELU in the backward pass instead of storing both
+    (the fast path of this module, timed against the two linears as written).
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, act_layer=nn.GELU, drop: float = 0.0,
+                 impl: str | None = None):
         super().__init__()
         self.fc1 = Linear(in_features, hidden_features)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
         self.fc2 = Linear(hidden_features, in_features)
         self.drop2 = nn.Dropout(drop)
-        # exact GELU without dropout can run inside fc1's GEMM, and the two layers as one oneDNN op
         self.fuse_gelu = type(self.act) is nn.GELU and self.act.approximate == 'none' and drop == 0
+        self._init_fast_path(impl)
+
+    def _fused_train(self, x: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
+        y, _ = _onednn_mlp(x.reshape(-1, x.shape[-1]), w1, b1, w2, b2)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def _reference(x: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
+        return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        onednn = self.fuse_gelu and self.fc1.impl == 'onednn'
-        mode = _onednn_mode(x, self.fc1.weight, self.fc2.weight) if onednn else None
-        if mode == 'train':  # one op that recomputes GELU in the backward pass
-            y, _ = _onednn_mlp(x.reshape(-1, x.shape[-1]), self.fc1.weight, self.fc1.bias, self.fc2.weight,
-                               self.fc2.bias)
-            return y.view(*x.shape[:-1], y.shape[-1])
-        if mode == 'infer':
-            return self.fc2(linear(x, self.fc1.weight, self.fc1.bias, gelu=True, impl='onednn'))  # GELU in fc1's GEMM
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        if not self.fuse_gelu:
+            return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        operands = (x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+        mode = _onednn_mode(x, self.fc1.weight, self.fc2.weight) if self.impl != 'reference' else None
+        if mode == 'train':
+            key = f'mlp train {x.numel() // x.shape[-1]}x{x.shape[-1]}->{self.fc1.out_features}'
+            if self.pick(key, dict(onednn_fused=lambda: candidate_step(self._fused_train, operands, True),
+                                   reference=lambda: candidate_step(self._reference, operands, True))) != 'reference':
+                return self._fused_train(*operands)
+        return self.fc2(linear(x, self.fc1.weight, self.fc1.bias, gelu=True, impl=self.fc1.impl))
 
 
 def take_indices(num_blocks: int, indices: int | Sequence[int] | None) -> list[int]:

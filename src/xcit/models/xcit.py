@@ -24,8 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._base import ClassifierMixin, Trunk, create_family, head_classes, init_weights, shared_cfg
-from .layers import (DropPath, FastPathModule, Linear, Mlp, autocast_active, autograd_records, fold_conv_bn, linear,
-                     take_indices)
+from .fastpath import FastPathModule, candidate_step, dtype_tag
+from .layers import DropPath, Linear, Mlp, autocast_active, autograd_records, fold_conv_bn, linear, take_indices
 from ..registry import CheckpointAdapter, WeightsGuess, register_alias, register_checkpoint_adapter, register_model
 
 __all__ = ['XCiT', 'XCiTDense', 'checkpoint_filter_fn']
@@ -80,10 +80,11 @@ class ConvPatchEmbed(FastPathModule, nn.Module):
     multiple of the patch size still give a well-defined grid.
 
     The first maps are the largest tensors of the whole network (16 x 112 x 112 per
-    image for nano at 224). On the 'onednn' path, in inference (eval mode, nothing for
-    autograd to record), each BatchNorm is folded into its conv and GELU runs in place,
-    so no BN or GELU output is materialised beside them: a lower memory peak and two
-    passes fewer over those maps. The modules as written are the 'reference' path.
+    image for nano at 224). The fast path convolves in channels-last, which oneDNN
+    takes without reordering and which leaves the tokens contiguous, and in inference
+    (eval mode, nothing for autograd to record) folds each BatchNorm into its conv and
+    runs GELU in place, so no BN or GELU output is materialised beside the maps: a
+    lower memory peak and two passes fewer. The modules as written are the reference.
     """
 
     def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, act_layer=nn.GELU,
@@ -103,18 +104,23 @@ class ConvPatchEmbed(FastPathModule, nn.Module):
         self._init_fast_path(impl)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        # channels-last: oneDNN convolves it without reordering, and the tokens below come out contiguous;
+        params = list(self.parameters())
+        grad = autograd_records(x, *params)
+        mode = ('train' if grad else 'train-no-grad') if self.training else ('eval-grad' if grad else 'infer')
+        key = f'xcit stem {mode} {x.device.type} {dtype_tag(x)} {tuple(x.shape)}'
+        path = self.pick(key, dict(channels_last_folded=lambda: candidate_step(self._fast, (x,), grad, params),
+                                   reference=lambda: candidate_step(self.proj, (x,), grad, params)))
         # passed straight in, so that no name here keeps the reordered copy of the image alive
-        if self.impl == 'onednn' and not self.training and not autograd_records(x, *self.parameters()):
-            x = self._forward_folded(x.contiguous(memory_format=torch.channels_last))
-        else:
-            x = self.proj(x.contiguous(memory_format=torch.channels_last))  # (B, D, Hp, Wp)
+        x = self.proj(x) if path == 'reference' else self._fast(x)  # (B, D, Hp, Wp)
         Hp, Wp = x.shape[-2:]
         # contiguous tokens: otherwise every residual add keeps the conv's layout and every LayerNorm copies
         return x.flatten(2).transpose(1, 2).contiguous(), (Hp, Wp)  # (B, N, D)
 
-    def _forward_folded(self, x: torch.Tensor) -> torch.Tensor:
-        """`self.proj(x)` in eval mode, with BatchNorm folded into each conv and GELU applied in place."""
+    def _fast(self, x: torch.Tensor) -> torch.Tensor:
+        """`self.proj(x)` in channels-last; in inference with BatchNorm folded into each conv and GELU in place."""
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self.training or autograd_records(x, *self.parameters()):
+            return self.proj(x)
         for layer in self.proj:
             if isinstance(layer, nn.Sequential):  # conv -> BN (or Identity once fold_batchnorm ran)
                 conv, bn = layer
@@ -137,45 +143,47 @@ def l2_normalize_tokens(t: torch.Tensor) -> torch.Tensor:
     return F.normalize(t.float(), dim=-1).to(t.dtype)
 
 
-XCA_IMPLS = ('matmul', 'sdpa')
+XCA_KERNELS = ('matmul', 'sdpa')
 
 
-class XCA(nn.Module):
+class XCA(FastPathModule, nn.Module):
     """Cross-covariance attention: a (d x d) softmax per head, linear in the number of tokens.
 
     No 1/sqrt(d) scale: queries and keys are unit vectors along the token axis
     and a learned per-head temperature sets the sharpness.
 
-    q, k and v are moved once to channel-major (B, h, d, N), where each head's
-    tokens are contiguous rows, so the norms and both matmuls read memory in
-    order. In float32 the logits of raw q, k are divided by the norms instead of
-    normalising q and k (the same value, two passes fewer); in lower precision
-    q and k are normalised first, in float32, so q @ k^T stays in range.
-    `xca_reference` keeps the official formulation.
+    `reference` is the official formulation, token-major. The fast path moves q, k
+    and v once to channel-major (3, B, h, d, N), where each head's tokens are
+    contiguous rows, so the norms and both matmuls read memory in order and no
+    matmul has to copy its operands; in float32 the logits of raw q, k are divided
+    by the norms instead of normalising q and k (the same value, two passes fewer);
+    in lower precision q and k are normalised first, in float32, so q @ k^T stays in range.
 
-    `impl='sdpa'` hands the normalised q, k and v to scaled_dot_product_attention
-    with the channels as the sequence and the tokens as the feature axis. It
-    measured slower on CPUs (BENCHMARKS.md), hence the default 'matmul';
+    `kernel='sdpa'` (the model's `xca_impl`) hands the normalised q, k and v to
+    scaled_dot_product_attention with the channels as the sequence and the tokens as
+    the feature axis; it measured slower on CPUs (BENCHMARKS.md), hence 'matmul';
     `xcit bench --impls xcit,xcit-sdpa` measures both on other hardware.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, impl: str = 'matmul'):
+                 proj_drop: float = 0.0, kernel: str = 'matmul', impl: str | None = None):
         super().__init__()
-        if impl not in XCA_IMPLS:
-            raise ValueError(f"xca_impl must be one of {', '.join(XCA_IMPLS)}, not {impl!r}")
-        self.impl = impl
+        if kernel not in XCA_KERNELS:
+            raise ValueError(f"xca_impl must be one of {', '.join(XCA_KERNELS)}, not {kernel!r}")
+        self.kernel = kernel
         self.num_heads = num_heads
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
         self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self._init_fast_path(impl)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, N, C = x.shape
-        qkv = self.qkv(x).transpose(1, 2).reshape(B, 3, self.num_heads, C // self.num_heads, N)
-        return qkv.unbind(1)  # each (B, h, d, N), contiguous along N
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)
+        qkv = qkv.permute(2, 0, 3, 4, 1).contiguous()  # (3, B, h, d, N): one copy, every (B, h) slice in order
+        return qkv.unbind(0)  # each (B, h, d, N), contiguous
 
     def attention_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The (B, h, d, d) channel attention and the values (B, h, d, N) it mixes."""
@@ -192,27 +200,65 @@ class XCA(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
-        if self.impl == 'sdpa':
+        if self.kernel == 'sdpa':
             q, k, v = self._qkv(x)
             q = (l2_normalize_tokens(q) * self.temperature).to(v.dtype)
             x = F.scaled_dot_product_attention(q, l2_normalize_tokens(k), v, scale=1.0,
                                                dropout_p=self.attn_drop.p if self.training else 0.0)
-        else:
-            attn, v = self.attention_map(x)
-            x = self.attn_drop(attn) @ v  # (B, h, d, N)
+            x = x.reshape(B, C, N).transpose(1, 2)  # (B, N, C)
+            return self.proj_drop(self.proj(x))
+        train = autograd_records(x, self.qkv.weight)
+        key = f'xca {"train" if train else "infer"} {x.device.type} {dtype_tag(x)} B{B} N{N} C{C} h{self.num_heads}'
+        params = list(self.parameters())
+        forwards = dict(channel_major=self._channel_major, block_diagonal=self._block_diagonal,
+                        reference=self._reference)
+        path = self.pick(key, {name: partial(candidate_step, f, (x,), train, params) for name, f in forwards.items()})
+        return forwards[path](x)
+
+    def _channel_major(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        attn, v = self.attention_map(x)
+        x = self.attn_drop(attn) @ v  # (B, h, d, N)
         x = x.reshape(B, C, N).transpose(1, 2).contiguous()  # (B, N, C)
+        return self.proj_drop(self.proj(x))
+
+    def _block_diagonal(self, x: torch.Tensor) -> torch.Tensor:
+        """Token-major with no copy: each image's full (C x C) q^T k and a block-diagonal attention times v.
+        h times the attention matmuls' FLOPs, which pays where there are few heads and the copies cost more."""
+        B, N, C = x.shape
+        h, d = self.num_heads, C // self.num_heads
+        q, k, v = self.qkv(x).split(C, dim=-1)  # each (B, N, C), rows 3C apart
+        exact = q.dtype == torch.float32 and not autocast_active(q)
+        if not exact:  # normalised first, in float32, as in channel-major: raw logits could overflow float16
+            q, k = (F.normalize(t.float(), dim=1).to(t.dtype) for t in (q, k))
+        gram = q.transpose(1, 2) @ k  # (B, C, C); head j's logits are its j-th diagonal (d x d) block
+        logits = gram.view(B, h, d, h, d).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # (B, h, d, d)
+        if exact:  # the logits of raw q, k divided by the norms: two passes fewer
+            norm_q = q.square().sum(dim=1).sqrt().clamp_min(1e-12).view(B, h, d, 1)
+            norm_k = k.square().sum(dim=1).sqrt().clamp_min(1e-12).view(B, h, 1, d)
+            attn = logits * (self.temperature / (norm_q * norm_k))
+        else:
+            attn = logits * self.temperature
+        attn = attn.softmax(dim=-1)
+        mix = attn.new_zeros(B, h, d, h, d)
+        mix.diagonal(dim1=1, dim2=3).copy_(self.attn_drop(attn).permute(0, 2, 3, 1))  # (B, C, C) block-diagonal
+        x = v @ mix.view(B, C, C).transpose(1, 2)  # (B, N, C)
+        return self.proj_drop(self.proj(x))
+
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The official XCA maths, token-major."""
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 4, 1)
+        q, k, v = qkv.unbind(0)  # each (B, h, d, N)
+        q, k = l2_normalize_tokens(q), l2_normalize_tokens(k)  # F.normalize, in float32 under autocast
+        attn = ((q @ k.transpose(-2, -1)) * self.temperature).softmax(dim=-1)  # (B, h, d, d)
+        x = (self.attn_drop(attn) @ v).permute(0, 3, 1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 
 
 def xca_reference(xca: XCA, x: torch.Tensor) -> torch.Tensor:
-    """The official XCA maths, token-major, for checking the fast path against."""
-    B, N, C = x.shape
-    qkv = xca.qkv(x).reshape(B, N, 3, xca.num_heads, C // xca.num_heads).permute(2, 0, 3, 4, 1)
-    q, k, v = qkv.unbind(0)  # each (B, h, d, N)
-    q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-    attn = ((q @ k.transpose(-2, -1)) * xca.temperature).softmax(dim=-1)
-    x = (xca.attn_drop(attn) @ v).permute(0, 3, 1, 2).reshape(B, N, C)
-    return xca.proj_drop(xca.proj(x))
+    """The official XCA maths, for checking the fast path against."""
+    return xca._reference(x)
 
 
 class LPI(nn.Module):
@@ -254,7 +300,7 @@ class XCABlock(nn.Module):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = XCA(dim, num_heads=num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop,
-                        impl=xca_impl)
+                        kernel=xca_impl)
         self.drop_path = DropPath(drop_path)
         self.norm3 = norm_layer(dim)
         self.local_mp = LPI(dim, act_layer=act_layer)

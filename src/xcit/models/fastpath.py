@@ -1,0 +1,265 @@
+"""Which implementation a layer runs: its readable reference maths, or a fast path, chosen by timing both here.
+
+A fast path (oneDNN GEMMs with fused bias and GELU, channel-major cross-covariance
+attention, a folded stem) pays on some CPUs and costs on others: oneDNN's float32
+GEMM is twice MKL's rate on an AMD EPYC and slower than it in the backward pass on
+an Intel Xeon. So nothing here is tuned by a constant. Each module with a fast path
+has `impl`, shown by print(model):
+
+- 'auto' (the default): on first use for a given operation, shape and mode, both
+  candidates run a few times on the real operands (forward, and the backward pass
+  where autograd records) and the faster one is kept for the rest of the process.
+  The reference is always a candidate, so a layer is never slower than the plain maths.
+- 'fast' or 'reference': that path, always (where the fast one cannot run, as on
+  another device or dtype, the reference runs).
+
+`XCIT_FAST_PATH=auto|fast|reference` sets what new models get; `set_fast_path`
+switches a built model. `fast_path_decisions()` lists what was chosen and why
+(`xcit bench` prints it), and `XCIT_FAST_PATH_CACHE=<file.json>` keeps decisions
+on disk, keyed by CPU model and torch version, so later processes skip the timing.
+Timing draws nothing from the random generators and leaves no gradients behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+PATHS = ('auto', 'fast', 'reference')
+ENV_PATH = 'XCIT_FAST_PATH'
+ENV_CACHE = 'XCIT_FAST_PATH_CACHE'
+
+
+def check_path(path: str) -> str:
+    if path not in PATHS:
+        raise ValueError(f"fast path must be one of {', '.join(PATHS)}, not {path!r}")
+    return path
+
+
+def default_fast_path() -> str:
+    """What new modules take: $XCIT_FAST_PATH if set ('auto', 'fast' or 'reference'), else 'auto'."""
+    value = os.environ.get(ENV_PATH, 'auto')
+    if value not in PATHS:
+        raise ValueError(f"{ENV_PATH} must be one of {', '.join(PATHS)}, not {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Decision:
+    path: str  # the name of the candidate that won
+    times_ms: dict[str, float]  # every candidate's best time
+
+    @property
+    def why(self) -> str:
+        return 'timed here: ' + ', '.join(f'{name} {ms:.3g} ms' for name, ms in self.times_ms.items())
+
+
+Run = Callable[[], object]
+Timer = Callable[[Sequence[Run]], list[float]]
+
+
+def best_of_alternating_ms(runs: Sequence[Run], rounds: int = 5) -> list[float]:
+    """The fastest of `rounds` timed calls of each run, after a warm-up, taken in turns so that a slow
+    spell of the machine hits them all alike (CUDA work is waited for)."""
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    best = [float('inf')] * len(runs)
+    for r in range(rounds + 1):
+        for i, run in enumerate(runs):
+            start = time.perf_counter()
+            run()
+            sync()
+            if r:  # round 0 warms up
+                best[i] = min(best[i], time.perf_counter() - start)
+    return [t * 1e3 for t in best]
+
+
+def _machine() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), None)
+    except OSError:
+        cpu = None
+    return f'{cpu or platform.processor() or platform.machine()} | torch {torch.__version__}'
+
+
+def _decision(d: dict) -> Decision:
+    times = {str(name): float(ms) for name, ms in d['times_ms'].items()}
+    if str(d['path']) not in times:
+        raise ValueError(f"decision {d['path']!r} is not among its candidates")
+    return Decision(str(d['path']), times)
+
+
+class PathChooser:
+    """Times the two candidates of each (operation, shape, mode) key once and remembers the faster."""
+
+    def __init__(self, timer: Timer = best_of_alternating_ms):
+        self.timer = timer
+        self._decisions: dict[str, Decision] = {}
+        self._disk_loaded = False
+
+    def choose(self, key: str, runs: dict[str, Run]) -> str:
+        """The name of the fastest of `runs` (zero-argument callables) for `key`, timing them the first time."""
+        decision = self._decisions.get(key)
+        if decision is None:
+            self._load_disk()
+            decision = self._decisions.get(key)
+        if decision is None:
+            with torch.random.fork_rng(devices=[]):  # dropout in a candidate must not move the generator
+                times = self.timer(list(runs.values()))
+            times_ms = {name: round(t, 4) for name, t in zip(runs, times)}
+            decision = Decision(min(times_ms, key=times_ms.get), times_ms)
+            self._decisions[key] = decision
+            self._save_disk()
+        return decision.path
+
+    def known(self, key: str) -> bool:
+        self._load_disk()
+        return key in self._decisions
+
+    def decisions(self) -> dict[str, dict]:
+        """Every decision of this process: key -> {path, times_ms, why}."""
+        return {key: dict(asdict(d), why=d.why) for key, d in sorted(self._decisions.items())}
+
+    def state_dict(self) -> dict[str, dict]:
+        return {key: asdict(d) for key, d in self._decisions.items()}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        """Take earlier decisions (a resumed run must run the paths it ran before to be bit-exact)."""
+        for key, d in state.items():
+            self._decisions[key] = _decision(d)
+
+    def clear(self) -> None:
+        self._decisions.clear()
+
+    def _load_disk(self) -> None:
+        path = os.environ.get(ENV_CACHE)
+        if self._disk_loaded or not path:
+            return
+        self._disk_loaded = True
+        try:
+            with open(path) as f:
+                stored = json.load(f).get(_machine(), {})
+            for key, d in stored.items():
+                self._decisions.setdefault(key, _decision(d))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # a missing or unreadable cache only means timing again
+
+    def _save_disk(self) -> None:
+        path = os.environ.get(ENV_CACHE)
+        if not path:
+            return
+        try:
+            with open(path) as f:
+                everything = json.load(f)
+            if not isinstance(everything, dict):
+                everything = {}
+        except (OSError, ValueError):
+            everything = {}
+        everything[_machine()] = self.state_dict()
+        tmp = f'{path}.{os.getpid()}.tmp'
+        try:
+            with open(tmp, 'w') as f:
+                json.dump(everything, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+        except OSError:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+CHOOSER = PathChooser()
+
+
+def fast_path_decisions() -> dict[str, dict]:
+    """What every 'auto' layer of this process chose, and the timings it chose by."""
+    return CHOOSER.decisions()
+
+
+def candidate_step(fn: Callable[..., torch.Tensor], operands: Sequence[torch.Tensor | None], train: bool,
+                   params: Sequence[torch.Tensor] = ()) -> Callable[[], object]:
+    """A zero-argument run of `fn(*operands)` on detached copies of the operands: forward only, or with
+    `train` forward and backward to the operands and `params` that need gradients (through
+    autograd.grad, so that no .grad is touched)."""
+    leaves = [None if t is None else t.detach().requires_grad_(train and t.requires_grad) for t in operands]
+    if not train:
+        return lambda: fn(*leaves)
+    wrt = [t for t in (*leaves, *params) if t is not None and t.requires_grad]
+
+    def run():
+        out = fn(*leaves)
+        return torch.autograd.grad(out, wrt, torch.ones_like(out))
+    return run
+
+
+Factories = dict[str, Callable[[], Run]]
+
+
+def dtype_tag(x: torch.Tensor) -> str:
+    """The precision an op on `x` runs in, for decision keys: autocast's, where it is on, else x's dtype."""
+    if x.device.type != 'meta' and torch.is_autocast_enabled(x.device.type):
+        return f'autocast-{str(torch.get_autocast_dtype(x.device.type)).removeprefix("torch.")}'
+    return str(x.dtype).removeprefix('torch.')
+
+
+def pick(impl: str, key: str, candidates: Factories) -> str:
+    """Which candidate a layer on `impl` runs for `key`: 'reference' (always a key of `candidates`), the
+    first other one for 'fast', or for 'auto' the fastest, timed the first time `key` is seen (the
+    factories build the runs to time only then). Compiled graphs take the reference under 'auto': the
+    compiler fuses the elementwise work around plain ops itself, and custom ops are opaque to it."""
+    if impl == 'reference':
+        return 'reference'
+    if impl == 'fast':
+        return next(name for name in candidates if name != 'reference')
+    if torch.compiler.is_compiling():
+        return 'reference'
+    if CHOOSER.known(key):
+        return CHOOSER.choose(key, {})
+    return CHOOSER.choose(key, {name: factory() for name, factory in candidates.items()})
+
+
+class FastPathModule:
+    """A module with fast paths beside its reference maths; `impl` ('auto', 'fast' or 'reference') says which runs."""
+
+    impl: str
+
+    def _init_fast_path(self, impl: str | None) -> None:
+        self.impl = check_path(impl or default_fast_path())
+
+    def extra_repr(self) -> str:
+        own = super().extra_repr()
+        return f'{own}, impl={self.impl}' if own else f'impl={self.impl}'
+
+    def pick(self, key: str, candidates: Factories) -> str:
+        """`pick` for this module; buffers that timed runs change (BatchNorm's statistics) are put back."""
+        if self.impl != 'auto' or torch.compiler.is_compiling() or CHOOSER.known(key):
+            return pick(self.impl, key, candidates)
+        saved = {name: b.clone() for name, b in self.named_buffers()}
+        try:
+            return pick(self.impl, key, candidates)
+        finally:
+            with torch.no_grad():
+                for name, b in self.named_buffers():
+                    b.copy_(saved[name])
+
+
+def set_fast_path(model: nn.Module, path: str) -> nn.Module:
+    """Put every module of `model` that has a fast path on `path` ('auto', 'fast' or 'reference'); returns it."""
+    check_path(path)
+    for module in model.modules():
+        if isinstance(module, FastPathModule):
+            module.impl = path
+    return model
+
+
+def get_fast_path(model: nn.Module) -> str | None:
+    """The path the modules of `model` take (None if none of them has a fast path)."""
+    paths = {module.impl for module in model.modules() if isinstance(module, FastPathModule)}
+    if len(paths) > 1:
+        raise ValueError(f'the modules take different paths ({", ".join(sorted(paths))}); see set_fast_path')
+    return next(iter(paths), None)
