@@ -106,8 +106,11 @@ def main() -> None:
     parser.add_argument('--cases', default=CASES, help=f'MODEL:BATCH,... (default {CASES})')
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--impl', choices=('xcit', 'timm'), default='xcit')
+    parser.add_argument('--peak-gflops', type=float,
+                        help='the GEMM rate to measure the floor by (default: measured now); pass one value to '
+                             'every run that is to be compared, as the measured rate drifts with the machine')
     args = parser.parse_args()
-    peak = gemm_peak_gflops()
+    peak = args.peak_gflops or gemm_peak_gflops()
     cases = [(case.split(':')[0], int(case.split(':')[1])) for case in args.cases.split(',')]
     rows = [profile(name, args.impl, batch, args.img_size, mode, peak)
             for name, batch in cases for mode in args.modes.split(',')]

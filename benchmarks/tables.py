@@ -49,6 +49,7 @@ def rows(results_dir: Path = RESULTS) -> list[dict]:
         out.append(dict(
             cpu=data['environment']['processor'], date=data['environment']['date'], file=path.relative_to(ROOT).as_posix(),
             model=f"{first['model']} (b{first['batch_size']})",
+            paths='timed here' if data['environment'].get('fast_path') == 'auto' else 'fixed rule',
             infer=_ratio(speed, ('xcit', 'infer'), ('timm', 'infer')),
             optimized=_ratio(speed, ('xcit-optimized', 'infer'), ('timm', 'infer')),
             infer_compiled=_ratio(speed, ('xcit-compiled', 'infer'), ('timm-compiled', 'infer')),
@@ -59,11 +60,12 @@ def rows(results_dir: Path = RESULTS) -> list[dict]:
 
 
 def markdown(table_rows: list[dict]) -> str:
-    lines = ['| CPU (date) | model (batch) | inference, eager | optimized vs timm eager | inference, compiled '
-             'vs compiled | training, eager | training, compiled vs compiled | peak memory, inference / training |',
-             '|---|---|---|---|---|---|---|---|']
+    lines = ['| CPU (date) | fast paths | model (batch) | inference, eager | optimized vs timm eager | inference, '
+             'compiled vs compiled | training, eager | training, compiled vs compiled | peak memory, inference / training |',
+             '|---|---|---|---|---|---|---|---|---|']
     for r in table_rows:
-        lines.append(f"| {r['cpu']} ({r['date']}) | [{r['model']}]({r['file']}) | {r['infer']} | {r['optimized']} | "
+        lines.append(f"| {r['cpu']} ({r['date']}) | {r['paths']} | [{r['model']}]({r['file']}) | {r['infer']} | "
+                     f"{r['optimized']} | "
                      f"{r['infer_compiled']} | {r['train']} | {r['train_compiled']} | {r['memory']} |")
     return '\n'.join(lines)
 

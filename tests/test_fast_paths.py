@@ -220,6 +220,14 @@ def test_only_cpu_float32_outside_autocast_takes_the_onednn_op(monkeypatch):
     assert torch.allclose(layers.linear(x, w, impl='fast'), F.linear(x, w)) and len(calls) == 1
 
 
+def test_the_meta_device_times_nothing_and_takes_the_reference(chooser):
+    """FLOP counters run a training step on the meta device, where nothing can be timed."""
+    with torch.device('meta'):
+        model = xcit.create_model('xcit_nano_12_p16_224', depth=1, num_classes=3).train()
+        model(torch.empty(2, 3, 32, 32)).sum().backward()
+    assert chooser.timed == []
+
+
 def test_a_new_head_joins_the_models_path():
     model = set_fast_path(xcit.create_model('xcit_nano_12_p16_224', depth=1), 'reference')
     model.reset_classifier(3)

@@ -235,8 +235,11 @@ class FastPathModule:
         own = super().extra_repr()
         return f'{own}, impl={self.impl}' if own else f'impl={self.impl}'
 
-    def pick(self, key: str, candidates: Factories) -> str:
-        """`pick` for this module; buffers that timed runs change (BatchNorm's statistics) are put back."""
+    def pick(self, key: str, candidates: Factories, x: torch.Tensor) -> str:
+        """`pick` for this module's input `x`; buffers that timed runs change (BatchNorm's statistics) are put
+        back. Nothing is timed on the meta device (FLOP counters run there): it takes the reference."""
+        if self.impl == 'auto' and x.device.type == 'meta':
+            return 'reference'
         if self.impl != 'auto' or torch.compiler.is_compiling() or CHOOSER.known(key):
             return pick(self.impl, key, candidates)
         saved = {name: b.clone() for name, b in self.named_buffers()}

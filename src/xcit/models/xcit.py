@@ -109,7 +109,7 @@ class ConvPatchEmbed(FastPathModule, nn.Module):
         mode = ('train' if grad else 'train-no-grad') if self.training else ('eval-grad' if grad else 'infer')
         key = f'xcit stem {mode} {x.device.type} {dtype_tag(x)} {tuple(x.shape)}'
         path = self.pick(key, dict(channels_last_folded=lambda: candidate_step(self._fast, (x,), grad, params),
-                                   reference=lambda: candidate_step(self.proj, (x,), grad, params)))
+                                   reference=lambda: candidate_step(self.proj, (x,), grad, params)), x)
         # passed straight in, so that no name here keeps the reordered copy of the image alive
         x = self.proj(x) if path == 'reference' else self._fast(x)  # (B, D, Hp, Wp)
         Hp, Wp = x.shape[-2:]
@@ -212,7 +212,7 @@ class XCA(FastPathModule, nn.Module):
         params = list(self.parameters())
         forwards = dict(channel_major=self._channel_major, block_diagonal=self._block_diagonal,
                         reference=self._reference)
-        path = self.pick(key, {name: partial(candidate_step, f, (x,), train, params) for name, f in forwards.items()})
+        path = self.pick(key, {name: partial(candidate_step, f, (x,), train, params) for name, f in forwards.items()}, x)
         return forwards[path](x)
 
     def _channel_major(self, x: torch.Tensor) -> torch.Tensor:
