@@ -47,7 +47,8 @@ def rows(results_dir: Path = RESULTS) -> list[dict]:
             ours, theirs = peak.get(('xcit', mode)), peak.get(('timm', mode))
             memory.append(f'{ours / theirs:.2f}' if ours and theirs else '-')
         out.append(dict(
-            cpu=data['environment']['processor'], date=data['environment']['date'], file=path.relative_to(ROOT).as_posix(),
+            cpu=data['environment']['processor'], date=data['environment']['date'],
+            file=(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path).as_posix(),
             model=f"{first['model']} (b{first['batch_size']})",
             paths='timed here' if data['environment'].get('fast_path') == 'auto' else 'fixed rule',
             infer=_ratio(speed, ('xcit', 'infer'), ('timm', 'infer')),
