@@ -97,7 +97,7 @@ def _decision(d: dict) -> Decision:
 
 
 class PathChooser:
-    """Times the two candidates of each (operation, shape, mode) key once and remembers the faster."""
+    """Times the candidates of each (operation, shape, mode) key once and remembers the fastest."""
 
     def __init__(self, timer: Timer = best_of_alternating_ms):
         self.timer = timer
@@ -111,7 +111,8 @@ class PathChooser:
             self._load_disk()
             decision = self._decisions.get(key)
         if decision is None:
-            with torch.random.fork_rng(devices=[]):  # dropout in a candidate must not move the generator
+            cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+            with torch.random.fork_rng(devices=cuda):  # dropout in a candidate must not move a generator
                 times = self.timer(list(runs.values()))
             times_ms = {name: round(t, 4) for name, t in zip(runs, times)}
             decision = Decision(min(times_ms, key=times_ms.get), times_ms)
@@ -134,9 +135,6 @@ class PathChooser:
         """Take earlier decisions (a resumed run must run the paths it ran before to be bit-exact)."""
         for key, d in state.items():
             self._decisions[key] = _decision(d)
-
-    def clear(self) -> None:
-        self._decisions.clear()
 
     def _load_disk(self) -> None:
         path = os.environ.get(ENV_CACHE)
