@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import xcit
-from conftest import perturb_
+from conftest import perturb_, run_cli
 from xcit.models import fastpath, get_fast_path, layers, set_fast_path
 from xcit.models.xcit import XCA, ConvPatchEmbed, xca_reference
 
@@ -218,6 +218,14 @@ def test_only_cpu_float32_outside_autocast_takes_the_onednn_op(monkeypatch):
     assert len(calls) == 1
     monkeypatch.setattr(layers, 'onednn_linear_works', lambda: False)  # a build without the op
     assert torch.allclose(layers.linear(x, w, impl='fast'), F.linear(x, w)) and len(calls) == 1
+
+
+def test_a_bad_path_in_the_environment_is_one_line_and_exit_2(monkeypatch):
+    monkeypatch.setenv('XCIT_FAST_PATH', 'onednn')
+    proc = run_cli('bench', '-m', 'xcit_nano_12_p16_224', '-b', '1', '--bench', 'infer', '--no-memory',
+                   '--rounds', '1', '--iters', '1')
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("XCIT_FAST_PATH must be one of auto, fast, reference, not 'onednn'")
 
 
 def test_the_meta_device_times_nothing_and_takes_the_reference(chooser):

@@ -121,7 +121,8 @@ class PathChooser:
         return decision.path
 
     def known(self, key: str) -> bool:
-        self._load_disk()
+        if key not in self._decisions:
+            self._load_disk()
         return key in self._decisions
 
     def decisions(self) -> dict[str, dict]:
