@@ -138,7 +138,7 @@ def _linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 def _linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-    if autograd_records(x, weight):
+    if autograd_records(x, weight, *([] if bias is None else [bias])):
         y = F.gelu(_onednn(x2, weight, bias, False)) if gelu else _onednn(x2, weight, bias, False)
     else:
         y = _onednn(x2, weight, bias, gelu)  # bias and GELU fused into the GEMM
@@ -148,7 +148,7 @@ def _linear_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, gelu: bool = False,
            impl: str = 'reference') -> torch.Tensor:
     """`F.linear(x, weight, bias)`, followed by exact GELU when `gelu`; through oneDNN where `impl` takes the fast path."""
-    mode = _onednn_mode(x, weight) if impl != 'reference' else None
+    mode = _onednn_mode(x, weight, *([] if bias is None else [bias])) if impl != 'reference' else None
     if mode is None:
         return _linear_reference(x, weight, bias, gelu)
     key = f'linear {mode} {x.numel() // x.shape[-1]}x{weight.shape[1]}->{weight.shape[0]}' \
