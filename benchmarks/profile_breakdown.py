@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
@@ -24,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import xcit
 from xcit import bench
+from xcit.models.fastpath import cpu_name
 
 CATEGORIES = {
     'matmul': {'addmm', 'mm', 'bmm', 'baddbmm', 'matmul', 'linear', '_linear_pointwise', 'onednn_linear',
@@ -92,11 +92,6 @@ def profile(name: str, impl: str, batch: int, img_size: int, mode: str, peak_gfl
     return dict(model=name, impl=impl, batch=batch, mode=mode, step_ms=round(step_ms, 1), floor_ms=round(floor_ms, 1),
                 floor_fraction=round(floor_ms / step_ms, 3), gflop=round(flops / 1e9, 2),
                 **{f'{c} %': round(100 * s / profiled, 1) for c, s in seconds.items()})
-
-
-def cpu_name() -> str:
-    with open('/proc/cpuinfo') as f:
-        return next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), platform.machine())
 
 
 def main() -> None:

@@ -348,9 +348,10 @@ def environment() -> dict:
     """What produced a measurement: enough to tell whether two are comparable."""
     from importlib.metadata import version
     from .models import default_fast_path
+    from .models.fastpath import cpu_name
     from .models.layers import onednn_linear_works
     info = dict(xcit=version('xcit'), torch=torch.__version__, python=platform.python_version(),
-                machine=platform.machine(), processor=_cpu_name(), cpu_count=os.cpu_count(),
+                machine=platform.machine(), processor=cpu_name(), cpu_count=os.cpu_count(),
                 torch_threads=torch.get_num_threads(), fast_path=default_fast_path(),
                 onednn_linear=onednn_linear_works(),
                 mac_counter=MAC_COUNTER, date=time.strftime('%Y-%m-%d'))
@@ -362,17 +363,6 @@ def environment() -> dict:
     if torch.cuda.is_available():
         info['cuda_device'] = torch.cuda.get_device_name()
     return info
-
-
-def _cpu_name() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def as_json(results: Sequence[Result], **extra) -> dict:

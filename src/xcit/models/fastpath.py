@@ -80,20 +80,34 @@ def best_of_alternating_ms(runs: Sequence[Run], rounds: int = 5) -> list[float]:
     return [t * 1e3 for t in best]
 
 
-def _machine() -> str:
+def cpu_name() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (what every speed figure is labelled with)."""
     try:
         with open('/proc/cpuinfo') as f:
-            cpu = next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), None)
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
     except OSError:
-        cpu = None
-    return f'{cpu or platform.processor() or platform.machine()} | torch {torch.__version__}'
+        pass
+    return platform.processor() or platform.machine()
 
 
-def _decision(d: dict) -> Decision:
-    times = {str(name): float(ms) for name, ms in d['times_ms'].items()}
-    if str(d['path']) not in times:
-        raise ValueError(f"decision {d['path']!r} is not among its candidates")
-    return Decision(str(d['path']), times)
+def _machine() -> str:
+    return f'{cpu_name()} | torch {torch.__version__}'
+
+
+def _decisions_from(state) -> dict[str, Decision]:
+    """Decisions from a state dict (a checkpoint's or the disk cache's): ValueError naming what is malformed."""
+    try:
+        out = {}
+        for key, d in state.items():
+            times = {str(name): float(ms) for name, ms in d['times_ms'].items()}
+            if str(d['path']) not in times:
+                raise ValueError(f"decision {d['path']!r} is not among its candidates")
+            out[str(key)] = Decision(str(d['path']), times)
+        return out
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f'malformed fast-path decisions ({type(e).__name__}: {e})') from None
 
 
 class PathChooser:
@@ -134,8 +148,7 @@ class PathChooser:
 
     def load_state_dict(self, state: dict[str, dict]) -> None:
         """Take earlier decisions (a resumed run must run the paths it ran before to be bit-exact)."""
-        for key, d in state.items():
-            self._decisions[key] = _decision(d)
+        self._decisions.update(_decisions_from(state))
 
     def _load_disk(self) -> None:
         path = os.environ.get(ENV_CACHE)
@@ -144,11 +157,11 @@ class PathChooser:
         self._disk_loaded = True
         try:
             with open(path) as f:
-                stored = json.load(f).get(_machine(), {})
-            for key, d in stored.items():
-                self._decisions.setdefault(key, _decision(d))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass  # a missing or unreadable cache only means timing again
+                stored = _decisions_from(json.load(f).get(_machine(), {}))
+        except (OSError, ValueError, AttributeError):
+            return  # a missing or unreadable cache only means timing again
+        for key, decision in stored.items():
+            self._decisions.setdefault(key, decision)
 
     def _save_disk(self) -> None:
         path = os.environ.get(ENV_CACHE)

@@ -226,7 +226,7 @@ class Mlp(FastPathModule, nn.Module):
 
     @staticmethod
     def _reference(x: torch.Tensor, w1, b1, w2, b2) -> torch.Tensor:
-        return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+        return _linear_reference(_linear_reference(x, w1, b1, True), w2, b2, False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fuse_gelu:

@@ -209,10 +209,11 @@ class XCA(FastPathModule, nn.Module):
             return self.proj_drop(self.proj(x))
         train = autograd_records(x, self.qkv.weight)
         key = f'xca {"train" if train else "infer"} {x.device.type} {dtype_tag(x)} B{B} N{N} C{C} h{self.num_heads}'
-        params = list(self.parameters())
         forwards = dict(channel_major=self._channel_major, block_diagonal=self._block_diagonal,
                         reference=self._reference)
-        path = self.pick(key, {name: partial(candidate_step, f, (x,), train, params) for name, f in forwards.items()}, x)
+        def timed(f):  # built only when the key must be timed
+            return lambda: candidate_step(f, (x,), train, list(self.parameters()))
+        path = self.pick(key, {name: timed(f) for name, f in forwards.items()}, x)
         return forwards[path](x)
 
     def _channel_major(self, x: torch.Tensor) -> torch.Tensor:
