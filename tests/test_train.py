@@ -112,6 +112,19 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, monkeypatch):
     assert [r['epoch'] for r in rows] == [0, 1, 2]  # the interrupted epoch is logged once
 
 
+def test_a_checkpoint_with_malformed_fast_paths_is_refused_in_one_line(tmp_path):
+    config = tiny_run_config(tmp_path, **{'schedule.epochs': 1})
+    assert run_cli('train', '-c', config).returncode == 0
+    state = torch.load(tmp_path / 'runs' / 'tiny' / 'last.pth', weights_only=True)
+    state['fast_paths'] = {'xca train cpu float32 B2': {'path': 'fastest', 'times_ms': {'reference': 1.0}}}
+    bad = tmp_path / 'bad.pth'
+    torch.save(state, bad)
+    proc = run_cli('train', '-c', config, '--resume', bad, '-o', 'schedule.epochs=2')
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    line, = proc.stderr.strip().splitlines()
+    assert 'fast_paths' in line and "'fastest' is not among its candidates" in line
+
+
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     config = tiny_run_config(tmp_path, **{'schedule.epochs': 1})
     assert run_cli('train', '-c', config).returncode == 0

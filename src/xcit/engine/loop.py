@@ -173,8 +173,8 @@ class _Trainer:
         self.task.load_state_dict(state.get('task', {}))
         try:  # the paths the interrupted run took: timing afresh could pick others and end bit-exactness
             CHOOSER.load_state_dict(state.get('fast_paths') or {})
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise CheckpointError(f'the checkpoint\'s fast_paths entry is malformed ({e})') from None
+        except ValueError as e:
+            raise CheckpointError(f'the checkpoint\'s fast_paths entry: {e}') from None
         self.epoch, self.step, self.start_batch = state['epoch'], state['step'], state['batch_in_epoch']
         self.best = state['best']['value']
 
