@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import xcit
 from conftest import perturb_, run_cli
 from xcit.models import fastpath, get_fast_path, layers, set_fast_path
-from xcit.models.xcit import XCA, ConvPatchEmbed, xca_reference
+from xcit.models.xcit import XCA, ConvPatchEmbed, TokenMajorXCA, xca_reference
 
 needs_onednn = pytest.mark.skipif(not layers.onednn_linear_works(), reason='this PyTorch build has no oneDNN linear')
 
@@ -94,19 +94,19 @@ def test_forced_paths_and_the_environment_override(chooser, monkeypatch):
     xca = perturb_(XCA(64, num_heads=2), scale=0.2).eval()
     assert xca.impl == 'auto' and 'impl=auto' in repr(xca)
     calls = []
-    for name in ('_channel_major', '_block_diagonal', '_reference'):
+    for name in ('_token_major', '_channel_major', '_reference'):
         original = getattr(XCA, name)
         monkeypatch.setattr(XCA, name, lambda self, t, _n=name, _o=original: calls.append(_n) or _o(self, t))
-    chooser.prefer = 'block_diagonal'
+    chooser.prefer = 'channel_major'
     with torch.no_grad():
         xca(x)
         calls.clear()
         xca(x)
-        assert calls == ['_block_diagonal']
+        assert calls == ['_channel_major']
         calls.clear()
         set_fast_path(xca, 'fast')
         xca(x)
-        assert calls == ['_channel_major']
+        assert calls == ['_token_major']
         calls.clear()
         set_fast_path(xca, 'reference')
         xca(x)
@@ -120,12 +120,7 @@ def test_forced_paths_and_the_environment_override(chooser, monkeypatch):
         set_fast_path(xca, 'mkl')
 
 
-def _candidates(module: nn.Module) -> list[str]:
-    return {XCA: ['channel_major', 'block_diagonal', 'reference'], ConvPatchEmbed: ['channels_last_folded', 'reference'],
-            layers.Mlp: ['onednn_fused', 'reference'], layers.Linear: ['onednn', 'reference']}[type(module)]
-
-
-@pytest.mark.parametrize('winner', ['channel_major', 'block_diagonal', 'onednn', 'onednn_fused',
+@pytest.mark.parametrize('winner', ['token_major', 'channel_major', 'onednn', 'onednn_fused',
                                     'channels_last_folded', 'reference'])
 def test_whichever_path_wins_the_model_computes_the_reference(winner, chooser):
     """Outputs and every gradient of the model with `winner` chosen wherever it is a candidate, against the
@@ -278,17 +273,17 @@ def test_the_probe_runs_once_on_real_tensors_whatever_context_the_first_forward_
     assert probes == '1'
 
 
-XCA_PATHS = [dict(kernel='matmul', impl='fast'), dict(kernel='sdpa'), dict(kernel='matmul', impl='block_diagonal')]
+XCA_PATHS = [dict(kernel='matmul', impl='fast'), dict(kernel='sdpa'), dict(kernel='matmul', impl='channel_major')]
 
 
 def _xca(dim: int, heads: int, path: dict) -> XCA:
     xca = perturb_(XCA(dim, num_heads=heads, kernel=path['kernel'], impl='fast'), scale=0.2)
-    if path.get('impl') == 'block_diagonal':
-        xca._channel_major = xca._block_diagonal  # 'fast' takes the first candidate: make it this one
+    if path.get('impl') == 'channel_major':
+        xca._token_major = xca._channel_major  # 'fast' takes the first candidate: make it this one
     return xca
 
 
-@pytest.mark.parametrize('path', XCA_PATHS, ids=['channel_major', 'sdpa', 'block_diagonal'])
+@pytest.mark.parametrize('path', XCA_PATHS, ids=['token_major', 'sdpa', 'channel_major'])
 @pytest.mark.parametrize('tokens', [7, 196, 785])
 def test_xca_fast_path_matches_the_official_formulation(tokens, path):
     torch.manual_seed(0)
@@ -300,6 +295,27 @@ def test_xca_fast_path_matches_the_official_formulation(tokens, path):
             assert torch.isfinite(xca(x * 100)).all()
 
 
+def test_token_major_backward_is_the_gradient_of_its_forward():
+    """The hand-written backward against finite differences in float64, and against autograd through the
+    official formulation with one query channel all zero (where both clamp its norm, as F.normalize does)."""
+    torch.manual_seed(0)
+    B, N, C, h = 2, 9, 12, 3
+    qkv = torch.randn(B, N, 3 * C, dtype=torch.float64, requires_grad=True)
+    temperature = (torch.rand(h, 1, 1, dtype=torch.float64) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, t: TokenMajorXCA.apply(a, t, h), (qkv, temperature))
+    xca = XCA(C, num_heads=h).double()
+    with torch.no_grad():
+        xca.temperature.copy_(temperature)
+        xca.qkv.weight[4], xca.qkv.bias[4] = 0, 0  # query channel 4 is zero for every token
+    x = torch.randn(B, N, C, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for path in (xca._token_major, xca._reference):
+        out = path(x)
+        grads.append(torch.autograd.grad(out, (x, *xca.parameters()), torch.cos(out)))
+    for fast, ref in zip(*grads):  # the reference normalises in float32 (l2_normalize_tokens)
+        assert (fast - ref).abs().max() <= 1e-6 * ref.abs().max()
+
+
 def test_xca_impl_is_checked_and_reaches_every_block():
     with pytest.raises(ValueError, match='xca_impl'):
         XCA(64, kernel='flash')
@@ -307,7 +323,7 @@ def test_xca_impl_is_checked_and_reaches_every_block():
     assert [block.attn.kernel for block in model.blocks] == ['sdpa'] * 3
 
 
-@pytest.mark.parametrize('path', XCA_PATHS, ids=['channel_major', 'sdpa', 'block_diagonal'])
+@pytest.mark.parametrize('path', XCA_PATHS, ids=['token_major', 'sdpa', 'channel_major'])
 def test_xca_trains_like_the_reference(path):
     torch.manual_seed(0)
     xca = _xca(64, 2, path)

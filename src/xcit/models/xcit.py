@@ -146,18 +146,93 @@ def l2_normalize_tokens(t: torch.Tensor) -> torch.Tensor:
 XCA_KERNELS = ('matmul', 'sdpa')
 
 
+def _head_columns(t: torch.Tensor, num_heads: int) -> list[torch.Tensor]:
+    """Each head's (..., d) column block of a token-major (..., C) tensor, as strided views."""
+    d = t.shape[-1] // num_heads
+    return [t[..., j * d:(j + 1) * d] for j in range(num_heads)]
+
+
+class TokenMajorXCA(torch.autograd.Function):
+    """XCA's core, from the fused qkv (B, N, 3C) to the mixed values (B, N, C), with its backward written out.
+
+    Every matmul reads its head's columns of qkv in place (a (N x d) block with rows 3C
+    apart is a valid BLAS operand) and writes its head's columns of the result, so no
+    layout change is ever copied, and the backward pass stores only qkv and the small
+    (B, h, d, d) maps. The logits are the raw q^T k divided by the token-axis norms of q
+    and k (F.normalize's value without writing normalised copies):
+
+        attn = softmax(t * (q^T k) / (|q| |k|^T)),  out_h = v_h @ attn_h^T
+
+    Float32 and float64 only: raw q^T k can overflow float16, where the normalising paths run.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, temperature: torch.Tensor, num_heads: int) -> torch.Tensor:
+        B, N, C3 = qkv.shape
+        C, h = C3 // 3, num_heads
+        d = C // h
+        q, k, v = qkv.split(C, dim=-1)  # each (B, N, C), rows 3C apart
+        norm_q = q.square().sum(dim=1).sqrt()  # (B, C): each channel's norm over the tokens
+        norm_k = k.square().sum(dim=1).sqrt()
+        gram = qkv.new_empty(B, h, d, d)
+        for j, (q_j, k_j) in enumerate(zip(_head_columns(q, h), _head_columns(k, h))):
+            torch.bmm(q_j.transpose(1, 2), k_j, out=gram[:, j])  # (B, d, d)
+        cosine = gram / (norm_q.clamp_min(1e-12).view(B, h, d, 1) * norm_k.clamp_min(1e-12).view(B, h, 1, d))
+        attn = (cosine * temperature).softmax(dim=-1)  # (B, h, d, d)
+        out = qkv.new_empty(B, N, C)
+        for j, (v_j, out_j) in enumerate(zip(_head_columns(v, h), _head_columns(out, h))):
+            torch.bmm(v_j, attn[:, j].transpose(1, 2), out=out_j)  # (B, N, d)
+        ctx.save_for_backward(qkv, temperature, norm_q, norm_k, cosine, attn)
+        ctx.num_heads = h
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_out: torch.Tensor):
+        qkv, temperature, norm_q, norm_k, cosine, attn = ctx.saved_tensors
+        h = ctx.num_heads
+        B, N, C3 = qkv.shape
+        C = C3 // 3
+        d = C // h
+        if d_out.stride(-1) != 1:
+            d_out = d_out.contiguous()
+        q, k, v = qkv.split(C, dim=-1)
+        d_qkv = qkv.new_empty(B, N, C3)
+        d_q, d_k, d_v = d_qkv.split(C, dim=-1)  # written in place, head by head
+        d_attn = qkv.new_empty(B, h, d, d)
+        for j, (d_out_j, v_j, d_v_j) in enumerate(zip(_head_columns(d_out, h), _head_columns(v, h), _head_columns(d_v, h))):
+            torch.bmm(d_out_j.transpose(1, 2), v_j, out=d_attn[:, j])  # (B, d, d)
+            torch.bmm(d_out_j, attn[:, j], out=d_v_j)  # (B, N, d)
+        d_logits = attn * (d_attn - (d_attn * attn).sum(dim=-1, keepdim=True))  # through the softmax
+        d_temperature = (d_logits * cosine).sum(dim=(0, 2, 3)).view_as(temperature)
+        d_cosine = d_logits * temperature
+        nq = norm_q.clamp_min(1e-12).view(B, h, d, 1)
+        nk = norm_k.clamp_min(1e-12).view(B, h, 1, d)
+        d_gram = d_cosine / (nq * nk)
+        # cosine = gram / (|q| |k|): d/d|q_i| = -cosine_i. / |q_i|, and d|q_i| / dq_i = q_i / |q_i| (0 where clamped)
+        pull = d_cosine * cosine
+        coef_q = torch.where(norm_q > 1e-12, -pull.sum(dim=-1).view(B, C) / nq.view(B, C).square(), 0.0)
+        coef_k = torch.where(norm_k > 1e-12, -pull.sum(dim=-2).view(B, C) / nk.view(B, C).square(), 0.0)
+        for j, (q_j, k_j, d_q_j, d_k_j) in enumerate(zip(_head_columns(q, h), _head_columns(k, h), _head_columns(d_q, h),
+                                                          _head_columns(d_k, h))):
+            torch.bmm(k_j, d_gram[:, j].transpose(1, 2), out=d_q_j)  # (B, N, d)
+            torch.bmm(q_j, d_gram[:, j], out=d_k_j)
+        d_q.addcmul_(q, coef_q.unsqueeze(1))
+        d_k.addcmul_(k, coef_k.unsqueeze(1))
+        return d_qkv, d_temperature, None
+
+
 class XCA(FastPathModule, nn.Module):
     """Cross-covariance attention: a (d x d) softmax per head, linear in the number of tokens.
 
     No 1/sqrt(d) scale: queries and keys are unit vectors along the token axis
     and a learned per-head temperature sets the sharpness.
 
-    `reference` is the official formulation, token-major. The fast path moves q, k
-    and v once to channel-major (3, B, h, d, N), where each head's tokens are
-    contiguous rows, so the norms and both matmuls read memory in order and no
-    matmul has to copy its operands; in float32 the logits of raw q, k are divided
-    by the norms instead of normalising q and k (the same value, two passes fewer);
-    in lower precision q and k are normalised first, in float32, so q @ k^T stays in range.
+    `reference` is the official formulation, token-major. `token_major` (float32) is
+    the same maths in `TokenMajorXCA`, on strided views of the fused qkv with its
+    backward written out. `channel_major` moves q, k and v once to (3, B, h, d, N),
+    where each head's tokens are contiguous rows; in lower precision it normalises q
+    and k first, in float32, so q @ k^T stays in range.
 
     `kernel='sdpa'` (the model's `xca_impl`) hands the normalised q, k and v to
     scaled_dot_product_attention with the channels as the sequence and the tokens as
@@ -208,9 +283,13 @@ class XCA(FastPathModule, nn.Module):
             x = x.reshape(B, C, N).transpose(1, 2)  # (B, N, C)
             return self.proj_drop(self.proj(x))
         train = autograd_records(x, self.qkv.weight)
-        key = f'xca {"train" if train else "infer"} {x.device.type} {dtype_tag(x)} B{B} N{N} C{C} h{self.num_heads}'
-        forwards = dict(channel_major=self._channel_major, block_diagonal=self._block_diagonal,
-                        reference=self._reference)
+        dropout = self.training and self.attn_drop.p > 0
+        key = (f'xca {"train" if train else "infer"} {x.device.type} {dtype_tag(x)} B{B} N{N} C{C} h{self.num_heads}'
+               + (' attn_drop' if dropout else ''))
+        forwards = dict(channel_major=self._channel_major, reference=self._reference)
+        if x.dtype in (torch.float32, torch.float64) and not autocast_active(x) and not dropout:
+            forwards = dict(token_major=self._token_major, **forwards)
+
         def timed(f):  # built only when the key must be timed
             return lambda: candidate_step(f, (x,), train, list(self.parameters()))
         path = self.pick(key, {name: timed(f) for name, f in forwards.items()}, x)
@@ -223,27 +302,8 @@ class XCA(FastPathModule, nn.Module):
         x = x.reshape(B, C, N).transpose(1, 2).contiguous()  # (B, N, C)
         return self.proj_drop(self.proj(x))
 
-    def _block_diagonal(self, x: torch.Tensor) -> torch.Tensor:
-        """Token-major with no copy: each image's full (C x C) q^T k and a block-diagonal attention times v.
-        h times the attention matmuls' FLOPs, which pays where there are few heads and the copies cost more."""
-        B, N, C = x.shape
-        h, d = self.num_heads, C // self.num_heads
-        q, k, v = self.qkv(x).split(C, dim=-1)  # each (B, N, C), rows 3C apart
-        exact = q.dtype == torch.float32 and not autocast_active(q)
-        if not exact:  # normalised first, in float32, as in channel-major: raw logits could overflow float16
-            q, k = (F.normalize(t.float(), dim=1).to(t.dtype) for t in (q, k))
-        gram = q.transpose(1, 2) @ k  # (B, C, C); head j's logits are its j-th diagonal (d x d) block
-        logits = gram.view(B, h, d, h, d).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # (B, h, d, d)
-        if exact:  # the logits of raw q, k divided by the norms: two passes fewer
-            norm_q = q.square().sum(dim=1).sqrt().clamp_min(1e-12).view(B, h, d, 1)
-            norm_k = k.square().sum(dim=1).sqrt().clamp_min(1e-12).view(B, h, 1, d)
-            attn = logits * (self.temperature / (norm_q * norm_k))
-        else:
-            attn = logits * self.temperature
-        attn = attn.softmax(dim=-1)
-        mix = attn.new_zeros(B, h, d, h, d)
-        mix.diagonal(dim1=1, dim2=3).copy_(self.attn_drop(attn).permute(0, 2, 3, 1))  # (B, C, C) block-diagonal
-        x = v @ mix.view(B, C, C).transpose(1, 2)  # (B, N, C)
+    def _token_major(self, x: torch.Tensor) -> torch.Tensor:
+        x = TokenMajorXCA.apply(self.qkv(x), self.temperature, self.num_heads)  # (B, N, C)
         return self.proj_drop(self.proj(x))
 
     def _reference(self, x: torch.Tensor) -> torch.Tensor:
