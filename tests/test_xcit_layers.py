@@ -107,3 +107,22 @@ def test_conv_stem_layout(patch, widths):
     assert [type(m).__name__ for m in stem.proj][-1] == 'Sequential'  # no activation after the last unit
     tokens, grid = stem(torch.randn(1, 3, 100, 37))
     assert grid == (math.ceil(100 / patch), math.ceil(37 / patch)) and tokens.shape == (1, grid[0] * grid[1], 128)
+
+
+def test_layer_scale_residual_has_addcmuls_gradients():
+    """The residual with LayerScale, through its own backward, against autograd through x + gamma * branch."""
+    from xcit.models.layers import layer_scale_residual
+    torch.manual_seed(0)
+    x, gamma, branch = torch.randn(2, 5, 8), torch.randn(8), torch.randn(2, 5, 8)
+    grad = torch.randn(2, 5, 8)
+    results = []
+    for fn in (layer_scale_residual, lambda a, g, b: a + g * b):
+        leaves = [t.clone().requires_grad_() for t in (x, gamma, branch)]
+        out = fn(*leaves)
+        results.append([out.detach(), *torch.autograd.grad(out, leaves, grad)])
+    for fast, ref in zip(*results):
+        assert torch.allclose(fast, ref, atol=1e-6)
+    frozen = gamma.clone()  # a gamma without a gradient gets none, and the branch's is still right
+    b = branch.clone().requires_grad_()
+    d_branch, = torch.autograd.grad(layer_scale_residual(x, frozen, b), b, grad)
+    assert torch.allclose(d_branch, grad * gamma)

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from ._base import ClassifierMixin, Trunk, create_family, head_classes, init_weights, shared_cfg
 from .fastpath import FastPathModule, candidate_step, dtype_tag
-from .layers import DropPath, Linear, Mlp, autocast_active, autograd_records, fold_conv_bn, linear, take_indices
+from .layers import (DropPath, Linear, Mlp, autocast_active, autograd_records, fold_conv_bn, layer_scale_residual, linear,
+                     take_indices)
 from ..registry import CheckpointAdapter, WeightsGuess, register_alias, register_checkpoint_adapter, register_model
 
 __all__ = ['XCiT', 'XCiTDense', 'checkpoint_filter_fn']
@@ -374,7 +375,7 @@ class XCABlock(nn.Module):
     def _residual(self, x: torch.Tensor, gamma: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         if self.training and self.drop_path.drop_prob > 0:
             return x + self.drop_path(gamma * branch)
-        return torch.addcmul(x, gamma, branch)  # x + gamma * branch in one pass
+        return layer_scale_residual(x, gamma, branch)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         x = self._residual(x, self.gamma1, self.attn(self.norm1(x)))  # (B, N, D)
