@@ -54,7 +54,7 @@ class ModelEntry:
 
 _MODELS: dict[str, ModelEntry] = {}
 _ALIASES: dict[str, str] = {}  # deprecated names -> `arch.tag`
-_ADAPTERS: dict[type, CheckpointAdapter] = {}
+_ADAPTERS: dict[type | str, CheckpointAdapter] = {}  # by class, or by 'module.QualName' for another library's
 
 
 def register_model(name: str, builder: ModelBuilder, family: str, cfgs: dict[str, dict]) -> None:
@@ -67,15 +67,18 @@ def register_alias(old_name: str, new_name: str) -> None:
     _ALIASES[old_name] = new_name
 
 
-def register_checkpoint_adapter(model_classes: Iterable[type], adapter: CheckpointAdapter) -> None:
+def register_checkpoint_adapter(model_classes: Iterable[type | str], adapter: CheckpointAdapter) -> None:
+    """`adapter` for these classes; another library's class can be named ('timm.models.regnet.RegNet'),
+    so that registering does not import that library."""
     for cls in model_classes:
         _ADAPTERS[cls] = adapter
 
 
 def get_checkpoint_adapter(model: nn.Module) -> CheckpointAdapter | None:
     for cls in type(model).__mro__:
-        if cls in _ADAPTERS:
-            return _ADAPTERS[cls]
+        for key in (cls, f'{cls.__module__}.{cls.__qualname__}'):
+            if key in _ADAPTERS:
+                return _ADAPTERS[key]
     return None
 
 

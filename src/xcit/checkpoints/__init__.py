@@ -3,6 +3,7 @@ from .convert import FORMATS, convert_checkpoint, extract_weights, save_state_di
 from .hub import PretrainedUnavailableError, cached_download
 from .errors import CheckpointError, WriteError
 from .io import atomic_write, read_checkpoint, sniff_format
+from . import regnet  # noqa: F401  (registers the adapter for PASSL's RegNet teacher weights)
 from .load import (LoadResult, extract_state_dict, load_checkpoint, load_into, load_state_dict, nonfinite_tensors,
                    read_state_dict)
 

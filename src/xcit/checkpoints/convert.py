@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..registry import build_model, get_checkpoint_adapter
+from ..registry import build_model, get_checkpoint_adapter, is_model
 from .errors import CheckpointError
 from .io import atomic_write, read_checkpoint, sniff_format
 from .load import describe_nonfinite, guess_weights, load_into, nonfinite_tensors, read_state_dict
@@ -84,31 +84,50 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike
                 torch.save({'model': state_dict} if fmt == 'official' else state_dict, f)
 
 
+def _build_timm_model(model_name: str, num_classes: int | None):
+    import timm
+    if not timm.is_model(model_name):
+        raise ValueError(f'{model_name!r} is neither an xcit nor a timm model')
+    kwargs = {} if num_classes is None else dict(num_classes=num_classes)
+    return timm.create_model(model_name, pretrained=False, **kwargs)
+
+
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, model_name: str | None = None,
                        to: str | None = None, use_ema: bool = False, allow_nonfinite: bool = False
                        ) -> tuple[str, str]:
     """Convert `src` (any readable format) to `dst`; returns (model name, written format).
 
-    Weights holding NaN or infinity are refused unless `allow_nonfinite`: a converted
-    file should not pass a broken training run on as a usable one.
+    `model_name` may also be a timm model outside this package's families (a distillation
+    teacher such as `regnety_160`): its weights are read through any adapter registered for
+    it (PASSL's RegNet files) and written in timm's layout, the Teacher of a distillation
+    checkpoint being the part taken. Weights holding NaN or infinity are refused unless
+    `allow_nonfinite`: a converted file should not pass a broken training run on as a usable one.
     """
     fmt = format_for_path(dst, to)
     _refuse_overwriting_source(src, dst)
-    state_dict, label = read_state_dict(src, use_ema)
+    foreign = model_name is not None and not is_model(model_name)
+    if foreign and fmt == 'passl':
+        raise ValueError(f'{model_name} is a timm model: it is written in timm\'s layout (--to timm), not PASSL\'s')
+    state_dict, label = read_state_dict(src, use_ema, part='Teacher' if foreign else 'Student')
     nonfinite = nonfinite_tensors(state_dict)
     if nonfinite and not allow_nonfinite:
         raise CheckpointError(f'{label}: {describe_nonfinite(nonfinite)}; '
                               'pass allow_nonfinite=True (xcit convert --allow-nonfinite) to convert it anyway')
     guess = guess_weights(state_dict)
+    if foreign and guess is not None and guess.architecture is not None and is_model(guess.architecture):
+        foreign = False  # weights of one of our families: another --model is a wrong name, reported as such
     if model_name is None:
         if guess is None or guess.architecture is None:
             found = f' ({guess.description})' if guess else ''
             raise CheckpointError(f'{label}: cannot tell which model these weights belong to{found}; pass --model NAME')
         model_name = guess.architecture
-    model = build_model(model_name, num_classes=guess.num_classes if guess else None)
+        foreign = not is_model(model_name)
+    num_classes = guess.num_classes if guess else None
+    model = _build_timm_model(model_name, num_classes) if foreign else build_model(model_name, num_classes=num_classes)
     load_into(model, state_dict, strict=True, source=label)
     adapter = get_checkpoint_adapter(model)
-    save_state_dict(model.state_dict(), dst, fmt, model_name=model_name, timm_fn=adapter and adapter.timm_fn)
+    timm_fn = dict if foreign else adapter and adapter.timm_fn  # a timm model is in timm's layout already
+    save_state_dict(model.state_dict(), dst, fmt, model_name=model_name, timm_fn=timm_fn)
     return model_name, fmt
 
 

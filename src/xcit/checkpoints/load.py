@@ -30,13 +30,17 @@ class LoadResult:
     dropped_classifier: list[str] = field(default_factory=list)
 
 
-def extract_state_dict(obj: Any, use_ema: bool = False, source: str = 'checkpoint') -> dict[str, torch.Tensor]:
+def extract_state_dict(obj: Any, use_ema: bool = False, source: str = 'checkpoint', part: str = 'Student'
+                       ) -> dict[str, torch.Tensor]:
     """The flat name -> tensor mapping inside a checkpoint object, in PyTorch's conventions.
 
     Unwraps training checkpoints (official, timm, PASSL, ours), DDP's `module.`
-    prefix and PASSL's distillation wrapper (its `Student.`), and converts
-    Paddle's layout. Family-specific layouts (timm's) are left to the model's adapter.
+    prefix and PASSL's distillation wrapper (its `part`: the `Student.` being trained,
+    or the `Teacher.`), and converts Paddle's layout. Family-specific layouts (timm's,
+    PASSL's RegNet) are left to the model's adapter.
     """
+    if part not in ('Student', 'Teacher'):
+        raise ValueError(f"part must be 'Student' or 'Teacher', not {part!r}")
     if not isinstance(obj, Mapping):
         raise CheckpointError(f'{source}: expected a mapping of weights, found {type(obj).__name__}')
     if use_ema:
@@ -65,9 +69,11 @@ def extract_state_dict(obj: Any, use_ema: bool = False, source: str = 'checkpoin
     if state_dict and all(k.startswith('module.') for k in state_dict):  # saved from a DDP wrapper
         state_dict = {k[len('module.'):]: v for k, v in state_dict.items()}
     if state_dict and all(k.startswith(_DISTILL_PREFIXES) for k in state_dict):
-        # a distillation checkpoint (PASSL's DistillationWrapper): the student is the model being trained
-        _logger.info('%s: distillation checkpoint, loading its Student. weights', source)
-        state_dict = {k[len('Student.'):]: v for k, v in state_dict.items() if k.startswith('Student.')}
+        # a distillation checkpoint (PASSL's DistillationWrapper)
+        _logger.info('%s: distillation checkpoint, loading its %s. weights', source, part)
+        state_dict = {k[len(part) + 1:]: v for k, v in state_dict.items() if k.startswith(part + '.')}
+        if not state_dict:
+            raise CheckpointError(f'{source}: a distillation checkpoint without {part}. weights')
     if is_paddle_layout(state_dict):
         state_dict = from_paddle(state_dict)
     return state_dict
@@ -187,12 +193,13 @@ def _describe_mismatch(model: nn.Module, state_dict: dict) -> str:
     return f'\n  The checkpoint looks like {looks_like}; you asked for {asked}.'
 
 
-def read_state_dict(checkpoint: str | os.PathLike | Mapping[str, Any], use_ema: bool = False
+def read_state_dict(checkpoint: str | os.PathLike | Mapping[str, Any], use_ema: bool = False, part: str = 'Student'
                     ) -> tuple[dict[str, torch.Tensor], str]:
-    """The state dict in a file or loaded object, in PyTorch conventions, and a name for it in messages."""
+    """The state dict in a file or loaded object, in PyTorch conventions, and a name for it in messages
+    (`part`: which model of a distillation checkpoint)."""
     if isinstance(checkpoint, (str, os.PathLike)):
-        return extract_state_dict(read_checkpoint(checkpoint), use_ema, str(checkpoint)), str(checkpoint)
-    return extract_state_dict(checkpoint, use_ema, 'state dict'), 'state dict'
+        return extract_state_dict(read_checkpoint(checkpoint), use_ema, str(checkpoint), part), str(checkpoint)
+    return extract_state_dict(checkpoint, use_ema, 'state dict', part), 'state dict'
 
 
 def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any], strict: bool = True,

@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser('convert', help='convert a checkpoint to another format', description=__doc__)
     p.add_argument('src', help='checkpoint to read (.pth, .pdparams, .pd, .safetensors, ...)')
     p.add_argument('dst', help='file to write; its extension picks the format unless --to is given')
-    p.add_argument('--model', help='architecture the weights belong to (default: recognised from their shapes)')
+    p.add_argument('--model', help='architecture the weights belong to (default: recognised from their shapes); '
+                                   'a timm model (regnety_160) for a distillation teacher')
     p.add_argument('--to', choices=FORMATS, help='output format (default: from DST: .pdparams -> passl, '
                                                  '.safetensors -> safetensors, .pth -> official)')
     p.add_argument('--use-ema', action='store_true', help='take the EMA weights of a training checkpoint')

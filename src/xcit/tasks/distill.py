@@ -30,25 +30,24 @@ class Renormalize(nn.Module):
 
 
 def build_teacher(config: DistillConfig, num_classes: int) -> nn.Module:
-    """A registered model, else a timm model, frozen and in eval mode, with its weights if given."""
-    from ..checkpoints.load import load_into, load_state_dict, read_state_dict
+    """A registered model, else a timm model, frozen and in eval mode, with its weights if given (any
+    format a model of that family is read from; a distillation checkpoint gives its Teacher; PASSL's
+    RegNet teacher file loads into timm's regnety_*)."""
+    from ..checkpoints.load import load_into, read_state_dict
     from ..factory import create_model
     from ..registry import is_model
     if is_model(config.teacher):
         teacher = create_model(config.teacher, num_classes=num_classes, pretrained=config.teacher_pretrained,
                                **config.teacher_kwargs)
-        if config.teacher_weights:
-            state_dict, label = read_state_dict(config.teacher_weights)
-            load_into(teacher, state_dict, source=label)
     else:
         import timm
         if not timm.is_model(config.teacher):
             raise ValueError(f'distill.teacher {config.teacher!r} is neither an xcit nor a timm model')
         teacher = timm.create_model(config.teacher, num_classes=num_classes, pretrained=config.teacher_pretrained,
                                     **config.teacher_kwargs)
-        if config.teacher_weights:
-            state_dict, label = read_state_dict(config.teacher_weights)
-            load_state_dict(teacher, state_dict, source=label)
+    if config.teacher_weights:
+        state_dict, label = read_state_dict(config.teacher_weights, part='Teacher')
+        load_into(teacher, state_dict, source=label)
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
