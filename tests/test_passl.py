@@ -134,3 +134,65 @@ def test_pretrained_passl_tag_downloads_and_converts(fixtures_dir, tmp_path, mon
     model = xcit.create_model(f'{name}.passl_in1k', pretrained=True, pretrained_cfg_overlay=dict(url=url))
     assert model.pretrained_cfg['tag'] == 'passl_in1k'
     assert _logits_error(model, fixtures_dir, name) < 1e-4
+
+
+PADDLE_FAMILIES = ['xcit_nano_12_p16_224', 'cvt_13_224', 'fcvit_tiny']
+
+
+@pytest.mark.parametrize('fmt', ['passl', 'paddle'])
+@pytest.mark.parametrize('name', PADDLE_FAMILIES)
+def test_paddle_layouts_round_trip_bitwise(name, fmt, tmp_path):
+    """xcit convert --to passl / --to paddle and back: every weight and statistic comes back bit for bit
+    (PASSL ships no FCViT: its wrapper layout is refused with the alternative)."""
+    from xcit.checkpoints import convert_checkpoint, save_state_dict
+    torch.manual_seed(0)
+    model = perturb_(xcit.create_model(name))
+    src = tmp_path / 'src.safetensors'
+    save_state_dict(model.state_dict(), src, 'safetensors', model_name=name)
+    out = tmp_path / 'w.pdparams'
+    if fmt == 'passl' and name.startswith('fcvit'):
+        with pytest.raises(ValueError, match='PASSL has no port of fcvit_tiny; --to paddle'):
+            convert_checkpoint(src, out, to=fmt)
+        assert not out.exists()
+        return
+    assert convert_checkpoint(src, out, to=fmt) == (name, fmt)  # the model recognised from either layout
+    again = xcit.create_model(name, checkpoint_path=out).state_dict()
+    for key, value in model.state_dict().items():
+        if value.is_floating_point():
+            assert torch.equal(again[key], value), key
+
+
+@pytest.mark.parametrize('name', PADDLE_FAMILIES)
+def test_flat_paddle_layout_is_our_module_tree_in_paddles_conventions(name, tmp_path):
+    from xcit.checkpoints import save_state_dict
+    model = xcit.create_model(name)
+    path = tmp_path / 'flat.pdparams'
+    save_state_dict(model.state_dict(), path, 'paddle')
+    arrays = _raw_arrays(path)
+    modules = dict(model.named_modules())
+    linears = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
+    norms = [n for n, m in modules.items() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert linears and norms
+    for n in linears:  # Paddle's Linear weight is [in, out]
+        assert arrays[f'{n}.weight'].shape == (modules[n].in_features, modules[n].out_features), n
+    for n in norms:
+        assert arrays[f'{n}._mean'].shape == arrays[f'{n}._variance'].shape == (modules[n].num_features,), n
+    assert not any(k.endswith(('running_mean', 'running_var', 'num_batches_tracked')) or k.startswith('backbone.')
+                   for k in arrays)
+    expected = {k for k in model.state_dict() if not k.endswith('num_batches_tracked')}
+    renamed = {k.replace('._mean', '.running_mean').replace('._variance', '.running_var') for k in arrays}
+    assert renamed == expected
+
+
+def test_passl_cvt_layout_uses_the_names_of_passls_port(tmp_path):
+    """PASSL's CvT builds each convolutional projection as Sequential(conv, BatchNorm): `.0.` / `.1.`."""
+    from xcit.checkpoints import save_state_dict
+    from xcit.models.cvt import passl_state_dict
+    model = xcit.create_model('cvt_13_224')
+    path = tmp_path / 'cvt.pdparams'
+    save_state_dict(model.state_dict(), path, 'passl', passl_fn=passl_state_dict)
+    arrays = _raw_arrays(path)
+    assert arrays['backbone.stage0.blocks.0.attn.conv_proj_q.0.weight'].shape == (64, 1, 3, 3)
+    assert 'backbone.stage2.blocks.0.attn.conv_proj_v.1._variance' in arrays
+    assert arrays['head.fc_cls.weight'].shape == (384, 1000)
+    assert not any('.conv.' in k or '.bn.' in k for k in arrays)

@@ -37,11 +37,13 @@ class CheckpointAdapter:
 
     `filter_fn(state_dict, model)` maps other layouts (timm's, ...) onto ours;
     `guess_fn(state_dict)` recognises the family's weights (None if they are not);
-    `timm_fn(state_dict)` writes ours in timm's layout, where timm has the family.
+    `timm_fn(state_dict)` writes ours in timm's layout, where timm has the family;
+    `passl_fn(state_dict)` renames ours to the module names of PASSL's port, where PASSL has the family.
     """
     filter_fn: Callable[[dict, nn.Module], dict]
     guess_fn: Callable[[dict], WeightsGuess | None]
     timm_fn: Callable[[dict], dict] | None = None
+    passl_fn: Callable[[dict], dict] | None = None
 
 
 @dataclass

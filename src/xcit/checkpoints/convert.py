@@ -18,7 +18,7 @@ from .io import atomic_write, read_checkpoint, sniff_format
 from .load import describe_nonfinite, guess_weights, load_into, nonfinite_tensors, read_state_dict
 from .paddle import from_paddle, is_paddle_layout, to_numpy, to_paddle, write_paddle_pickle
 
-FORMATS = ('passl', 'timm', 'official', 'safetensors')
+FORMATS = ('passl', 'paddle', 'timm', 'official', 'safetensors')
 SAFETENSORS_FORMAT_VERSION = '1'
 _PADDLE_SUFFIXES = ('.pdparams', '.pd')
 
@@ -31,10 +31,11 @@ def format_for_path(path: str | os.PathLike, requested: str | None = None) -> st
     if requested is not None:
         if requested not in FORMATS:
             raise ValueError(f"unknown format {requested!r}; choose one of {', '.join(FORMATS)}")
-        if requested == 'passl' and suffix not in _PADDLE_SUFFIXES:
-            raise ValueError(f'PASSL weights are .pdparams files, not {suffix or "extension-less"} ones')
-        if requested != 'passl' and suffix in _PADDLE_SUFFIXES:
-            raise ValueError(f'{path}: a {suffix} file would hold PASSL weights; use --to passl or another name')
+        paddle = requested in ('passl', 'paddle')
+        if paddle and suffix not in _PADDLE_SUFFIXES:
+            raise ValueError(f'Paddle weights are .pdparams files, not {suffix or "extension-less"} ones')
+        if not paddle and suffix in _PADDLE_SUFFIXES:
+            raise ValueError(f'{path}: a {suffix} file would hold Paddle weights; use --to passl|paddle or another name')
         return requested
     if suffix in _PADDLE_SUFFIXES:
         return 'passl'
@@ -52,10 +53,13 @@ def _refuse_overwriting_source(src: str | os.PathLike, dst: str | os.PathLike) -
 
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, fmt: str,
-                    model_name: str | None = None, timm_fn=None) -> None:
+                    model_name: str | None = None, timm_fn=None, passl_fn=None) -> None:
     """Write our state dict as `fmt`.
 
-    - passl: flat `backbone.*` + `head.fc_cls.*` NumPy pickle, what PASSL's `--load` reads;
+    - passl: `backbone.*` + `head.fc_cls.*` NumPy pickle, what PASSL's `--load` reads, under the
+      names of PASSL's port (`passl_fn` renames ours, where its port renamed modules);
+    - paddle: the flat Paddle layout of our module names (Linear weights [in, out], BatchNorm
+      `_mean` / `_variance`), what a Paddle port mirroring the PyTorch modules loads;
     - official: `{'model': state_dict}`, like facebookresearch/xcit's released files;
     - timm: timm's key layout, flat (`.pth`) or as safetensors when the path ends so;
     - safetensors: our layout, with the model name and format version in the metadata.
@@ -69,7 +73,9 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike
         state_dict = timm_fn(state_dict)
     with atomic_write(path) as tmp:
         if fmt == 'passl':
-            write_paddle_pickle(to_paddle(state_dict), tmp)
+            write_paddle_pickle(to_paddle(passl_fn(state_dict) if passl_fn else state_dict), tmp)
+        elif fmt == 'paddle':
+            write_paddle_pickle(to_paddle(state_dict, wrapped=False), tmp)
         elif fmt == 'safetensors' or path.suffix.lower() == '.safetensors':
             from safetensors.torch import save
             metadata = dict(format='xcit', format_version=SAFETENSORS_FORMAT_VERSION,
@@ -106,8 +112,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, model_nam
     fmt = format_for_path(dst, to)
     _refuse_overwriting_source(src, dst)
     foreign = model_name is not None and not is_model(model_name)
-    if foreign and fmt == 'passl':
-        raise ValueError(f'{model_name} is a timm model: it is written in timm\'s layout (--to timm), not PASSL\'s')
+    if foreign and fmt in ('passl', 'paddle'):
+        raise ValueError(f'{model_name} is a timm model: it is written in timm\'s layout (--to timm), not Paddle\'s')
     state_dict, label = read_state_dict(src, use_ema, part='Teacher' if foreign else 'Student')
     nonfinite = nonfinite_tensors(state_dict)
     if nonfinite and not allow_nonfinite:
@@ -126,8 +132,11 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, model_nam
     model = _build_timm_model(model_name, num_classes) if foreign else build_model(model_name, num_classes=num_classes)
     load_into(model, state_dict, strict=True, source=label)
     adapter = get_checkpoint_adapter(model)
+    if fmt == 'passl' and not foreign and (adapter is None or adapter.passl_fn is None):
+        raise ValueError(f'PASSL has no port of {model_name}; --to paddle writes the flat Paddle layout')
     timm_fn = dict if foreign else adapter and adapter.timm_fn  # a timm model is in timm's layout already
-    save_state_dict(model.state_dict(), dst, fmt, model_name=model_name, timm_fn=timm_fn)
+    save_state_dict(model.state_dict(), dst, fmt, model_name=model_name, timm_fn=timm_fn,
+                    passl_fn=adapter and adapter.passl_fn)
     return model_name, fmt
 
 

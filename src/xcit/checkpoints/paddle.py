@@ -200,8 +200,11 @@ def from_paddle(state_dict: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def to_paddle(state_dict: dict) -> dict[str, np.ndarray]:
-    """Our state dict in the layout PASSL's `--load` expects: `backbone.*` + `head.fc_cls.*`, NumPy arrays."""
+def to_paddle(state_dict: dict, wrapped: bool = True) -> dict[str, np.ndarray]:
+    """Our state dict in Paddle's conventions, NumPy arrays: Linear weights [in, out], BatchNorm `_mean` /
+    `_variance`. `wrapped`: inside PASSL's `backbone.*` + `head.fc_cls.*` (what its `--load` expects);
+    else flat, under the module names as they are (what a Paddle port of the PyTorch module tree loads
+    with `set_state_dict`)."""
     out = {}
     for key, value in state_dict.items():
         if key.endswith('num_batches_tracked'):  # Paddle's BatchNorm has no such buffer
@@ -209,7 +212,8 @@ def to_paddle(state_dict: dict) -> dict[str, np.ndarray]:
         for new, old in _BN_RENAMES:
             if key.endswith(old):
                 key = key[: -len(old)] + new
-        key = 'head.fc_cls.' + key[len('head.'):] if key.startswith('head.') else 'backbone.' + key
+        if wrapped:
+            key = 'head.fc_cls.' + key[len('head.'):] if key.startswith('head.') else 'backbone.' + key
         array = value.detach().cpu()
         out[key] = to_numpy(array.t() if array.ndim == 2 else array)
     return out

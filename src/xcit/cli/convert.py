@@ -1,4 +1,4 @@
-"""`xcit convert SRC DST`: rewrite weights in another layout (PASSL, timm, official, safetensors).
+"""`xcit convert SRC DST`: rewrite weights in another layout (PASSL, flat Paddle, timm, official, safetensors).
 
 The weights are loaded strictly into their model first, so what is written is
 known to be complete. The model is recognised from the shapes unless --model names it.
@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
     p.add_argument('--model', help='architecture the weights belong to (default: recognised from their shapes); '
                                    'a timm model (regnety_160) for a distillation teacher')
     p.add_argument('--to', choices=FORMATS, help='output format (default: from DST: .pdparams -> passl, '
-                                                 '.safetensors -> safetensors, .pth -> official)')
+                                                 '.safetensors -> safetensors, .pth -> official); paddle: '
+                                                 'the flat Paddle layout of our module names')
     p.add_argument('--use-ema', action='store_true', help='take the EMA weights of a training checkpoint')
     p.add_argument('--allow-nonfinite', action='store_true',
                    help='convert weights holding NaN or infinity too (refused by default)')

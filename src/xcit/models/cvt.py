@@ -404,26 +404,45 @@ def _from_hf(state_dict: dict) -> dict:
     return out
 
 
+# PASSL's port builds each convolutional projection as a plain Sequential(conv, BatchNorm): its
+# entries are `.0.` and `.1.` where the official (and our) names are `.conv.` and `.bn.`
+_PASSL_PROJ = re.compile(r'\.attn\.conv_proj_([qkv])\.([01])\.')
+_OFFICIAL_PROJ = re.compile(r'\.attn\.conv_proj_([qkv])\.(conv|bn)\.')
+
+
+def _from_passl(state_dict: dict) -> dict:
+    return {_PASSL_PROJ.sub(lambda m: f'.attn.conv_proj_{m.group(1)}.{("conv", "bn")[int(m.group(2))]}.', k): v
+            for k, v in state_dict.items()}
+
+
+def passl_state_dict(state_dict: dict) -> dict:
+    """Ours (the official names) under the names of PASSL's CvT port."""
+    return {_OFFICIAL_PROJ.sub(lambda m: f'.attn.conv_proj_{m.group(1)}.{int(m.group(2) == "bn")}.', k): v
+            for k, v in state_dict.items()}
+
+
 def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
-    """Map a CvT state dict in Hugging Face transformers' layout to ours (the official one).
+    """Map a CvT state dict in Hugging Face transformers' or PASSL's layout to ours (the official one).
 
     Official files pass through unchanged. For the feature backbone, the
     classifier's final norm and head are dropped.
     """
     if _is_hf_layout(state_dict):
         state_dict = _from_hf(state_dict)
+    state_dict = _from_passl(state_dict)
     if isinstance(model, CvTFeatures):
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith(('norm.', 'head.'))}
     return state_dict
 
 
 def guess_weights(state_dict: dict) -> WeightsGuess | None:
-    """Which CvT a state dict (ours or HF's layout) belongs to, from its shapes; None if it is no CvT.
+    """Which CvT a state dict (ours, HF's or PASSL's layout) belongs to, from its shapes; None if it is no CvT.
 
     Head counts leave no trace in the weights, so sizes are matched on widths and depths.
     """
     if _is_hf_layout(state_dict):
         state_dict = _from_hf(state_dict)
+    state_dict = _from_passl(state_dict)
     if 'stage0.patch_embed.proj.weight' not in state_dict:
         return None
     dims, depths = [], []
@@ -445,7 +464,8 @@ def guess_weights(state_dict: dict) -> WeightsGuess | None:
     return WeightsGuess(architecture, num_classes, description)
 
 
-register_checkpoint_adapter((CvT, CvTFeatures), CheckpointAdapter(checkpoint_filter_fn, guess_weights))
+register_checkpoint_adapter((CvT, CvTFeatures), CheckpointAdapter(checkpoint_filter_fn, guess_weights,
+                                                                 passl_fn=passl_state_dict))
 
 
 # --- construction from the official config --------------------------------------------------------

@@ -702,7 +702,9 @@ def guess_weights(state_dict: dict) -> WeightsGuess | None:
     return WeightsGuess(architecture, num_classes, description)
 
 
-register_checkpoint_adapter((XCiT, XCiTDense), CheckpointAdapter(checkpoint_filter_fn, guess_weights, timm_state_dict))
+# PASSL's XCiT port keeps the official module names
+register_checkpoint_adapter((XCiT, XCiTDense), CheckpointAdapter(checkpoint_filter_fn, guess_weights, timm_state_dict,
+                                                                 passl_fn=dict))
 
 
 # --- variants -------------------------------------------------------------------------------------
