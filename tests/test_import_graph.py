@@ -11,7 +11,7 @@ LAYERS = [
     {'registry', 'config', 'seeding'},
     {'models', 'data'},
     {'checkpoints'},
-    {'factory', 'viz', 'export'},
+    {'factory', 'viz', 'export', 'passl_config'},
     {'bench', 'engine'},
     {'tasks'},
     {'cli'},

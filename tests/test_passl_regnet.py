@@ -11,26 +11,11 @@ import torch.nn.functional as F
 from conftest import run_cli
 from xcit.checkpoints import CheckpointError, extract_state_dict, load_into, read_state_dict
 from xcit.checkpoints.paddle import write_paddle_pickle
-from xcit.checkpoints.regnet import guess_regnet, passl_regnet_to_timm
+from xcit.checkpoints.regnet import guess_regnet, passl_regnet_to_timm, regnet_stages, timm_regnet_name
 from xcit.config import DistillConfig
 from xcit.tasks.distill import build_teacher
 
 timm = pytest.importorskip('timm')
-
-
-def regnet_stages(w_a, w_0, w_m, d, group_w, q=8):
-    """Stage widths, depths and group widths of the RegNet design space (Radosavovic et al. 2020): block j
-    is w_0 + w_a * j wide, snapped to w_0 * w_m^k and to a multiple of q; equal widths form a stage; a
-    width is rounded to a multiple of its group width (bottleneck ratio 1)."""
-    widths = []
-    for j in range(d):
-        k = round(math.log((w_0 + w_a * j) / w_0) / math.log(w_m))
-        widths.append(int(round(w_0 * w_m ** k / q) * q))
-    stage_widths = sorted(set(widths))
-    depths = [widths.count(w) for w in stage_widths]
-    groups = [min(group_w, w) for w in stage_widths]
-    stage_widths = [int(round(w / g) * g) for w, g in zip(stage_widths, groups)]
-    return stage_widths, depths, groups
 
 
 def passl_regnet_arrays(widths, depths, groups, num_classes=10, stem=32, se=True, seed=0):
@@ -75,8 +60,11 @@ def _as_torch(arrays):
 
 def test_design_space_gives_passls_teacher_stages():
     # PASSL's XCiT distillation teacher, RegNetY-16GF: timm's regnety_160
-    assert regnet_stages(106.23, 200, 2.48, 18, 112) == ([224, 448, 1232, 3024], [2, 4, 11, 1], [112] * 4)
-    assert regnet_stages(36.44, 24, 2.49, 13, 8) == ([24, 56, 152, 368], [1, 1, 4, 7], [8] * 4)  # regnety_002
+    assert regnet_stages(106.23, 200, 2.48, 18, 112) == ((224, 448, 1232, 3024), (2, 4, 11, 1), (112,) * 4)
+    assert timm_regnet_name(*regnet_stages(106.23, 200, 2.48, 18, 112), se=True) == 'regnety_160'
+    assert regnet_stages(36.44, 24, 2.49, 13, 8) == ((24, 56, 152, 368), (1, 1, 4, 7), (8,) * 4)
+    assert timm_regnet_name(*regnet_stages(36.44, 24, 2.49, 13, 8), se=True) == 'regnety_002'
+    assert timm_regnet_name(*regnet_stages(36.44, 24, 2.49, 13, 8), se=False) == 'regnetx_002'
 
 
 def test_regnety_160_key_set_maps_onto_timms_without_a_missing_or_unexpected_key():

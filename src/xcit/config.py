@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import copy
 import difflib
+import logging
 import os
 import reprlib
 import types
@@ -21,6 +22,9 @@ from typing import Any, Literal, Sequence
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
                       model_validator)
+
+
+_logger = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -407,13 +411,36 @@ def validate_config(data: Any, source: str = 'config') -> Config:
         raise ConfigError(_explain(e, source)) from None
 
 
+# (recognise, translate) pairs for other projects' config files; translate returns (our data, notes)
+_FOREIGN_READERS: list[tuple[Any, Any]] = []
+
+
+def register_config_reader(recognise, translate) -> None:
+    """Read another project's config files as ours: `recognise(data)` says whether a loaded file is one,
+    `translate(data, source)` returns (our config as plain data, notes on what was not carried over)."""
+    _FOREIGN_READERS.append((recognise, translate))
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """One config file over its `_base_`s, as plain data in our schema: another project's config (PaddlePaddle
+    PASSL's) is recognised by its shape and translated, and what it cannot carry over is logged, key by key."""
+    data = load_yaml_tree(path)
+    for recognise, translate in _FOREIGN_READERS:
+        if recognise(data):
+            data, notes = translate(data, str(path))
+            for note in notes:
+                _logger.warning('%s: not carried over: %s', path, note)
+            break
+    return data
+
+
 def load_config(paths: str | os.PathLike | Sequence[str | os.PathLike] = (), overrides: Sequence[str] = ()) -> Config:
-    """Layer the config files (each over its `_base_`s), apply `-o` overrides, validate."""
+    """Layer the config files (each over its `_base_`s; PASSL's translated), apply `-o` overrides, validate."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     data: dict = {}
     for path in paths:
-        data = merge(data, load_yaml_tree(path))
+        data = merge(data, read_config_file(path))
     data = apply_overrides(data, overrides)
     if paths and 'experiment' not in data:
         data['experiment'] = Path(paths[-1]).stem

@@ -16,7 +16,9 @@ BatchNorm statistics renamed), so the names below are PASSL's module names witho
 from __future__ import annotations
 
 import functools
+import math
 import re
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -119,6 +121,27 @@ def _timm_layouts() -> dict[tuple, str]:
             layout = regnet_layout(timm.create_model(name).state_dict())
         layouts.setdefault(layout[:4], name)
     return layouts
+
+
+def regnet_stages(w_a: float, w_0: int, w_m: float, d: int, group_w: int, q: int = 8
+                  ) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """(stage widths, depths, group widths) of the RegNet design space (Radosavovic et al. 2020), the
+    parameters PASSL's and pycls's configs give: block j is w_0 + w_a * j wide, snapped to w_0 * w_m^k and
+    to a multiple of q; equal widths form a stage; each width is rounded to a multiple of its group width
+    (bottleneck ratio 1)."""
+    widths = []
+    for j in range(d):
+        k = round(math.log((w_0 + w_a * j) / w_0) / math.log(w_m))
+        widths.append(int(round(w_0 * w_m ** k / q) * q))
+    stage_widths = sorted(set(widths))
+    depths = tuple(widths.count(w) for w in stage_widths)
+    groups = tuple(min(group_w, w) for w in stage_widths)
+    return tuple(int(round(w / g) * g) for w, g in zip(stage_widths, groups)), depths, groups
+
+
+def timm_regnet_name(widths: Sequence[int], depths: Sequence[int], groups: Sequence[int], se: bool) -> str | None:
+    """The timm RegNet with these stages (None if timm has none)."""
+    return _timm_layouts().get((tuple(widths), tuple(depths), tuple(groups), se))
 
 
 def guess_regnet(state_dict: dict) -> WeightsGuess | None:
