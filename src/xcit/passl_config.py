@@ -38,6 +38,7 @@ class _Translation:
         self.source = source
         self.notes: list[str] = []
         self.out: dict[str, dict] = {}
+        self.val_root: str | None = None  # the evaluation folder's parent, which must be the training one's
 
     def set(self, path: str, value: Any) -> None:
         *sections, key = path.split('.')
@@ -152,7 +153,7 @@ def _classifier(t: _Translation, key: str, model: dict, image_size: int) -> None
     _head(t, f'{key}.head', model.get('head'))
 
 
-def regnet_teacher_name(t: _Translation, key: str, teacher: dict) -> str:
+def _regnet_teacher(t: _Translation, key: str, teacher: dict) -> str:
     """timm's name for PASSL's `Classification(RegNet(...))` teacher, from its design-space parameters."""
     from .checkpoints.regnet import regnet_stages, timm_regnet_name
     backbone = teacher.get('backbone') if isinstance(teacher, dict) else None
@@ -192,7 +193,7 @@ def _distillation(t: _Translation, model: dict, image_size: int) -> None:
                         'dml_loss_weight', 'head_loss_weight'):
             raise t.error(f'model.{name}', 'not a key of PASSL\'s DistillationWrapper')
     _classifier(t, 'model.models.Student', parts['Student'], image_size)
-    t.set('distill.teacher', regnet_teacher_name(t, 'model.models.Teacher', parts['Teacher']))
+    t.set('distill.teacher', _regnet_teacher(t, 'model.models.Teacher', parts['Teacher']))
     order = [next(iter(m)) for m in members]
     pretrained = model.get('pretrained_list') or [None, None]
     frozen = model.get('freeze_params_list') or [True, False]
@@ -336,7 +337,7 @@ def _loader(t: _Translation, key: str, part: dict, train: bool) -> None:
         t.set('data.train_split', split)
     else:
         t.set('data.val_split', split)
-        t._val_root = root
+        t.val_root = root
     _transforms(t, f'{key}.dataset.transforms', dataset.get('transforms', []), train)
     if train:
         _batch_transforms(t, f'{key}.dataset.batch_transforms', dataset.get('batch_transforms'))
@@ -493,7 +494,7 @@ def translate_passl_config(data: dict, source: str = 'PASSL config') -> tuple[di
                              "model's evaluation crop")
     else:
         _loader(t, 'dataloader.val', _section(t, dataloader, 'dataloader.val'), train=False)
-        if getattr(t, '_val_root', None) != t.out['data']['root']:
+        if t.val_root != t.out['data']['root']:
             raise t.error('dataloader.val.dataset.dataroot', 'training and evaluation folders must share a parent '
                                                              f'({t.out["data"]["root"]} here)')
     if 'lr_scheduler' in data:
