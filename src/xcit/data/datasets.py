@@ -143,6 +143,25 @@ def label_list(root: str | os.PathLike, list_file: str | os.PathLike) -> FileSou
     return FileSource(samples, [str(i) for i in range(num_classes)])
 
 
+def digits_split(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits (values 0..16) of one split, their labels and their indices in the full set.
+
+    The split is made once, stratified and seeded: 20 % of each class to 'val', the rest to 'train', so
+    everything built from the digits (the classification set, the digit scenes) keeps them apart alike.
+    """
+    from sklearn.datasets import load_digits
+    if split not in ('train', 'val'):
+        raise ConfigError(f"digits has splits 'train' and 'val', not {split!r}")
+    digits = load_digits()
+    rng = np.random.default_rng(0)
+    val_mask = np.zeros(len(digits.target), dtype=bool)
+    for label in range(10):
+        members = np.flatnonzero(digits.target == label)
+        val_mask[rng.choice(members, size=round(0.2 * len(members)), replace=False)] = True
+    keep = ~val_mask if split == 'train' else val_mask
+    return digits.images[keep], digits.target[keep], np.flatnonzero(keep)
+
+
 class DigitsSource(SampleSource):
     """scikit-learn's bundled 8x8 handwritten digits, upsampled to RGB images (nothing is downloaded).
 
@@ -151,19 +170,10 @@ class DigitsSource(SampleSource):
     """
 
     def __init__(self, split: str, size: int = 32):
-        from sklearn.datasets import load_digits
-        digits = load_digits()
-        rng = np.random.default_rng(0)
-        val_mask = np.zeros(len(digits.target), dtype=bool)
-        for label in range(10):  # 20 % of each class to validation
-            members = np.flatnonzero(digits.target == label)
-            val_mask[rng.choice(members, size=round(0.2 * len(members)), replace=False)] = True
-        if split not in ('train', 'val'):
-            raise ConfigError(f"digits has splits 'train' and 'val', not {split!r}")
-        keep = ~val_mask if split == 'train' else val_mask
-        pixels = (digits.images[keep] * (255 / 16)).round().astype(np.uint8)  # values 0..16 -> 0..255
+        images, targets, _ = digits_split(split)
+        pixels = (images * (255 / 16)).round().astype(np.uint8)  # values 0..16 -> 0..255
         self.images = [Image.fromarray(p).resize((size, size), Image.BICUBIC).convert('RGB') for p in pixels]
-        self.targets = digits.target[keep].tolist()
+        self.targets = targets.tolist()
         self.classes = [str(i) for i in range(10)]
 
     def load(self, index: int) -> Image.Image:

@@ -1,0 +1,69 @@
+"""The built-in digit_scenes dataset: deterministic scenes whose boxes, instance masks and semantic map agree,
+drawn for train and val from disjoint digits."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from xcit.data.datasets import digits_split
+from xcit.data.scenes import DigitScenes, masks_to_boxes
+
+
+@pytest.fixture(scope='module')
+def train():
+    return DigitScenes('train', length=40, seed=3)
+
+
+def test_scenes_are_a_function_of_seed_split_and_index(train):
+    image, target = train[7]
+    again_image, again_target = DigitScenes('train', length=40, seed=3)[7]
+    assert torch.equal(image, again_image) and torch.equal(target['masks'], again_target['masks'])
+    assert not torch.equal(train[8][0][:, :64, :64], image[:, :64, :64])
+    other_seed = DigitScenes('train', length=40, seed=4)[7][0]
+    assert other_seed.shape != image.shape or not torch.equal(other_seed, image)
+    code = ('from xcit.data.scenes import DigitScenes; import torch; '
+            'print(float(DigitScenes("train", length=40, seed=3)[7][0].sum()))')
+    sums = {subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)}  # Python's string hashing differs per process; the scenes do not
+    assert len(sums) == 1 and abs(float(sums.pop()) - float(image.sum())) < 1e-3
+
+
+def test_boxes_masks_and_semantic_map_agree(train):
+    for index in range(len(train)):
+        image, target = train[index]
+        H, W = image.shape[-2:]
+        assert 128 <= H <= 256 and 128 <= W <= 256 and image.min() >= 0 and image.max() <= 1
+        masks, labels, boxes = target['masks'].bool(), target['labels'], target['boxes']
+        assert 1 <= len(labels) <= 6 and masks.shape == (len(labels), H, W)
+        assert labels.min() >= 1 and labels.max() <= 10
+        assert torch.equal(masks_to_boxes(masks), boxes.as_subclass(torch.Tensor))  # tight around each mask
+        assert masks.sum(0).max() <= 1  # one owner per pixel: later digits cover earlier ones
+        semantic = target['semantic']
+        expected = torch.zeros(H, W, dtype=torch.long)
+        for mask, label in zip(masks, labels):
+            expected[mask] = label
+        assert torch.equal(semantic.as_subclass(torch.Tensor), expected)
+
+
+def test_train_and_val_scenes_use_disjoint_digits(train):
+    val = DigitScenes('val', length=40, seed=3)
+    assert not set(digits_split('train')[2]) & set(digits_split('val')[2])
+    used = {split: {int(i) for k in range(40) for i in ds[k][1]['digit_index']} for split, ds in
+            (('train', train), ('val', val))}
+    assert used['train'] <= set(digits_split('train')[2].tolist())
+    assert used['val'] <= set(digits_split('val')[2].tolist())
+
+
+def test_masks_to_boxes_uses_pixel_edges():
+    masks = torch.zeros(2, 10, 12, dtype=torch.bool)
+    masks[0, 2:5, 3:9] = True
+    masks[1, 9, 11] = True
+    assert masks_to_boxes(masks).tolist() == [[3, 2, 9, 5], [11, 9, 12, 10]]
+
+
+@pytest.mark.parametrize('kwargs', [dict(min_side=300, max_side=200), dict(digit_sizes=(4, 30)),
+                                    dict(max_digits=0), dict(split='test')])
+def test_impossible_settings_are_refused(kwargs):
+    with pytest.raises(ValueError):
+        DigitScenes(**kwargs)
