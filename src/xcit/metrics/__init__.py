@@ -1,0 +1,4 @@
+"""Evaluation metrics accumulated over a whole set and reduced across processes."""
+from .segmentation import ConfusionMatrix
+
+__all__ = ['ConfusionMatrix']
