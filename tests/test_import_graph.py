@@ -12,7 +12,7 @@ LAYERS = [
     {'models', 'data', 'metrics'},
     {'checkpoints'},
     {'factory', 'viz', 'export', 'passl_config'},
-    {'bench', 'engine'},
+    {'bench', 'engine', 'dense'},
     {'tasks'},
     {'cli'},
 ]

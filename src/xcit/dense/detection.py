@@ -1,0 +1,61 @@
+"""Mask R-CNN and Faster R-CNN (torchvision's) over any of our `features_only` backbones.
+
+The backbone's pyramid (XCiT's official stride 4/8/16/32 adapters, CvT's and FCViT's stages)
+goes through torchvision's FeaturePyramidNetwork with the extra max-pooled level, 256
+channels, as the official XCiT Mask R-CNN (mmdet) has it; anchors of 32 px at stride 4
+doubling per level, ratios 0.5 / 1 / 2; RoIAlign of 7 (boxes) and 14 (masks) with sampling
+ratio 2. The detector keeps torchvision's calling convention: a list of (3, H, W) images in;
+in training, with targets, a dict of losses; in eval, one dict per image with `boxes`,
+`labels`, `scores` (and `masks`).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+
+from ..registry import IMAGENET_MEAN, IMAGENET_STD
+
+
+class PyramidBackbone(nn.Module):
+    """A `features_only` backbone and an FPN: (B, 3, H, W) -> {'0': stride 4, ..., 'pool'}, each 256 channels."""
+
+    def __init__(self, body: nn.Module, out_channels: int = 256):
+        super().__init__()
+        self.body = body
+        self.strides = [info['reduction'] for info in body.feature_info]
+        self.fpn = FeaturePyramidNetwork([info['num_chs'] for info in body.feature_info], out_channels,
+                                         extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        features = self.body(x)  # one (B, C_i, H / s_i, W / s_i) map per stride
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(features)))
+
+
+def build_detector(backbone: str | nn.Module, num_classes: int, masks: bool = True, min_size: int = 800,
+                   max_size: int = 1333, box_detections_per_img: int = 100, **detector_kwargs) -> nn.Module:
+    """torchvision's MaskRCNN (FasterRCNN without `masks`) over `backbone`: a registered name, built with
+    `features_only=True`, or such a module. `num_classes` counts the background. Other keywords go to
+    torchvision's constructor (e.g. `rpn_post_nms_top_n_train`, `box_batch_size_per_image`)."""
+    if isinstance(backbone, str):
+        from ..factory import create_model
+        backbone = create_model(backbone, features_only=True)
+    pyramid = PyramidBackbone(backbone)
+    levels = len(pyramid.strides)
+    names = [str(i) for i in range(levels)]
+    sizes = tuple((32 * 2 ** i,) for i in range(levels + 1))  # one size per level, the pooled one included
+    anchors = AnchorGenerator(sizes=sizes, aspect_ratios=((0.5, 1.0, 2.0),) * len(sizes))
+    common = dict(rpn_anchor_generator=anchors, min_size=min_size, max_size=max_size,
+                  image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
+                  box_roi_pool=MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2),
+                  box_detections_per_img=box_detections_per_img, **detector_kwargs)
+    if masks:
+        return MaskRCNN(pyramid, num_classes=num_classes,
+                        mask_roi_pool=MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2), **common)
+    return FasterRCNN(pyramid, num_classes=num_classes, **common)
