@@ -346,6 +346,19 @@ def _loader(t: _Translation, key: str, part: dict, train: bool) -> None:
         raise t.error(f'{key}.dataset.{unknown[0]}', 'not a key of PASSL\'s ImageNet dataset')
 
 
+def _warmup_then_cosine(t: _Translation, scheduler: dict, lr: float, warmup_epochs: float, min_lr: float) -> None:
+    """Our schedule: linear warmup from PASSL's start_lr, which must end (end_lr) where the cosine starts."""
+    t.set('optim.lr', lr)
+    t.set('optim.scale_lr', False)
+    t.set('schedule.warmup_epochs', warmup_epochs)
+    t.set('schedule.warmup_lr', _number(t, 'lr_scheduler.start_lr', scheduler.get('start_lr', 0.0)))
+    t.set('schedule.min_lr', min_lr)
+    end = _number(t, 'lr_scheduler.end_lr', scheduler.get('end_lr', lr))
+    if not math.isclose(end, lr):
+        raise t.error('lr_scheduler.end_lr', f'{end} differs from the starting lr {lr}: warmup here ends where the '
+                                             'cosine starts')
+
+
 def _cosine_warmup(t: _Translation, scheduler: dict, epochs: Any) -> None:
     """PASSL's CosineWarmup counts in optimizer steps: its T_max is the run's steps, so the warmup's share of
     them is its share of the epochs."""
@@ -355,15 +368,8 @@ def _cosine_warmup(t: _Translation, scheduler: dict, epochs: Any) -> None:
     if epochs is None or t_max <= 0:
         raise t.error('lr_scheduler.T_max', 'CosineWarmup counts steps: epochs and a positive T_max are needed '
                                             'to express its warmup in epochs')
-    t.set('optim.lr', lr)
-    t.set('optim.scale_lr', False)
-    t.set('schedule.warmup_epochs', round(epochs * warmup / t_max, 4))
-    t.set('schedule.warmup_lr', _number(t, 'lr_scheduler.start_lr', scheduler.get('start_lr', 0.0)))
-    t.set('schedule.min_lr', _number(t, 'lr_scheduler.eta_min', scheduler.get('eta_min', 0.0)))
-    end = _number(t, 'lr_scheduler.end_lr', scheduler.get('end_lr', lr))
-    if not math.isclose(end, lr):
-        raise t.error('lr_scheduler.end_lr', f'{end} differs from learning_rate {lr}: warmup here ends where the '
-                                             'cosine starts')
+    _warmup_then_cosine(t, scheduler, lr, warmup_epochs=round(epochs * warmup / t_max, 4),
+                        min_lr=_number(t, 'lr_scheduler.eta_min', scheduler.get('eta_min', 0.0)))
     t.note('lr_scheduler.T_max', f'CosineWarmup counts {t_max:g} steps over {epochs} epochs; its '
                                  f'{warmup:g} warmup steps are {epochs * warmup / t_max:.4g} epochs here')
     for name in set(scheduler) - {'name', 'learning_rate', 'T_max', 'warmup_steps', 'start_lr', 'end_lr', 'eta_min'}:
@@ -382,15 +388,9 @@ def _schedule(t: _Translation, scheduler: dict, epochs: Any) -> None:
         raise t.error('lr_scheduler.learning_rate.name', f'{quote(cosine.get("name"))}: only CosineAnnealingDecay '
                                                          'is translated')
     lr = _number(t, 'lr_scheduler.learning_rate.learning_rate', cosine.get('learning_rate'))
-    t.set('optim.lr', lr)
-    t.set('optim.scale_lr', False)
-    t.set('schedule.min_lr', _number(t, 'lr_scheduler.learning_rate.eta_min', cosine.get('eta_min', 0.0)))
-    t.set('schedule.warmup_epochs', _number(t, 'lr_scheduler.warmup_steps', scheduler.get('warmup_steps', 0)))
-    t.set('schedule.warmup_lr', _number(t, 'lr_scheduler.start_lr', scheduler.get('start_lr', 0.0)))
-    end = _number(t, 'lr_scheduler.end_lr', scheduler.get('end_lr', lr))
-    if not math.isclose(end, lr):
-        raise t.error('lr_scheduler.end_lr', f'{end} differs from the cosine\'s starting lr {lr}: warmup here '
-                                             'ends where the cosine starts')
+    _warmup_then_cosine(t, scheduler, lr,
+                        warmup_epochs=_number(t, 'lr_scheduler.warmup_steps', scheduler.get('warmup_steps', 0)),
+                        min_lr=_number(t, 'lr_scheduler.learning_rate.eta_min', cosine.get('eta_min', 0.0)))
     t_max = cosine.get('T_max')
     if t_max is not None and epochs is not None and _number(t, 'lr_scheduler.learning_rate.T_max', t_max) != epochs:
         raise t.error('lr_scheduler.learning_rate.T_max', f'{t_max} is not the {epochs} epochs: the cosine here '
