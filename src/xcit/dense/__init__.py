@@ -1,4 +1,6 @@
-"""Dense prediction over this package's backbones: detection and instance segmentation on torchvision."""
+"""Dense prediction over this package's backbones: detection and instance segmentation on torchvision,
+semantic segmentation with Semantic FPN."""
 from .detection import PyramidBackbone, build_detector
+from .segmentation import SemanticFPN, build_segmenter
 
-__all__ = ['PyramidBackbone', 'build_detector']
+__all__ = ['PyramidBackbone', 'SemanticFPN', 'build_detector', 'build_segmenter']

@@ -1,0 +1,41 @@
+"""Semantic FPN over our backbones: logits at the input's size for any size, mmseg's FPNHead layout, and
+cross-entropy with the ignore index fitting a digit scene."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xcit.data.scenes import NUM_CLASSES, DigitScenes
+from xcit.dense import build_segmenter
+
+
+@pytest.mark.parametrize('name', ['xcit_nano_12_p16_224', 'xcit_nano_12_p8_224', 'cvt_13_224'])
+def test_logits_come_back_at_the_input_size(name):
+    model = build_segmenter(name, num_classes=NUM_CLASSES).eval()
+    with torch.no_grad():
+        for size in ((97, 131), (128, 128)):
+            assert model(torch.rand(2, 3, *size)).shape == (2, NUM_CLASSES, *size)
+
+
+def test_each_level_gets_conv_units_until_stride_4():
+    model = build_segmenter('xcit_nano_12_p16_224', num_classes=3)
+    convs = [sum(isinstance(m, torch.nn.Conv2d) for m in head) for head in model.scale_heads]
+    upsamples = [sum(isinstance(m, torch.nn.Upsample) for m in head) for head in model.scale_heads]
+    assert model.strides == [4, 8, 16, 32] and convs == [1, 1, 2, 3] and upsamples == [0, 1, 2, 3]
+    assert model.fpn.inner_blocks[0][0].out_channels == 128  # the official neck: as wide as the backbone
+
+
+def test_cross_entropy_with_ignored_pixels_fits_a_scene():
+    torch.manual_seed(0)
+    image, target = DigitScenes('train', length=1, seed=2)[0]
+    label = target['semantic'].as_subclass(torch.Tensor).clone()
+    label[:, :8] = 255  # ignored: never pulls the loss
+    model = build_segmenter('xcit_nano_12_p16_224', num_classes=NUM_CLASSES)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(12):
+        loss = F.cross_entropy(model(image[None]), label[None], ignore_index=255)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
