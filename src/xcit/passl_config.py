@@ -76,11 +76,7 @@ def _fraction(t: _Translation, key: str, value: Any) -> float:
 
 
 def _number(t: _Translation, key: str, value: Any) -> float:
-    if isinstance(value, str):  # PASSL's YAML loader reads 5e-4 as a string; so does safe_load
-        try:
-            value = float(value)
-        except ValueError:
-            pass
+    value = _plain(value) if isinstance(value, str) else value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise t.error(key, f'expected a number, found {quote(value)}')
     return value

@@ -52,7 +52,7 @@ def _conv_bn(state_dict: dict, passl: str, timm: str, out: dict, used: set) -> N
         used.add(key)
     bias_key = f'{passl}._conv.bias'
     if bias_key in state_dict:  # BN(conv(x) + c) == BN with running_mean - c, exactly
-        out[f'{timm}.bn.running_mean'] = state_dict[f'{passl}._batch_norm.running_mean'] - state_dict[bias_key]
+        out[f'{timm}.bn.running_mean'] = out[f'{timm}.bn.running_mean'] - state_dict[bias_key]
         used.add(bias_key)
     out[f'{timm}.bn.num_batches_tracked'] = torch.tensor(0, dtype=torch.long)
 

@@ -34,6 +34,7 @@ def xyxy_to_xywh(boxes: torch.Tensor) -> list[list[float]]:
 def coco_ground_truth(samples, categories: list[dict]) -> dict:
     """A COCO annotation dict from (image_id, (H, W), target) triples whose targets hold `boxes` (XYXY),
     `labels` (the category ids) and optionally `masks` and `iscrowd`."""
+    from pycocotools import mask as mask_utils
     images, annotations = [], []
     for image_id, (height, width), target in samples:
         images.append(dict(id=int(image_id), height=int(height), width=int(width)))
@@ -44,7 +45,6 @@ def coco_ground_truth(samples, categories: list[dict]) -> dict:
             annotation = dict(id=len(annotations) + 1, image_id=int(image_id), category_id=int(label), bbox=box,
                               area=float(box[2] * box[3]), iscrowd=int(is_crowd))
             if rle is not None:
-                from pycocotools import mask as mask_utils
                 annotation['segmentation'] = rle
                 annotation['area'] = float(mask_utils.area(rle))
             annotations.append(annotation)
