@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Re-install when the package metadata changes; the stamp is how make knows.
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo demo-dense bench clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,13 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/xcit train -c configs/demo/digits_xcit.yaml
+
+# A detector and a segmenter on the built-in digit_scenes, their backbone from `make demo`'s classifier
+# (trained first when absent).
+demo-dense: $(STAMP)
+	test -f runs/digits_xcit/best.pth || $(BIN)/xcit train -c configs/demo/digits_xcit.yaml -o experiment=digits_xcit
+	$(BIN)/xcit train -c configs/demo/scenes_maskrcnn.yaml
+	$(BIN)/xcit train -c configs/demo/scenes_semfpn.yaml
 
 bench: $(STAMP)
 	$(BIN)/xcit bench -m xcit_nano_12_p16_224 --resolutions 224,384,512,768,1024 \

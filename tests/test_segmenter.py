@@ -39,3 +39,24 @@ def test_cross_entropy_with_ignored_pixels_fits_a_scene():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_upernet_returns_logits_at_any_size_and_the_auxiliary_head_in_training():
+    torch.manual_seed(0)
+    model = build_segmenter('xcit_nano_12_p16_224', num_classes=NUM_CLASSES, head='upernet', channels=32,
+                            aux_channels=16)
+    assert [p[0].output_size for p in model.pools] == [1, 2, 3, 6]  # the pyramid pooling module
+    assert model.aux_head[0].in_channels == model.backbone.feature_info[2]['num_chs']  # on the stride-16 map
+    model.eval()
+    with torch.no_grad():
+        for size in ((97, 131), (64, 64)):
+            assert model(torch.rand(1, 3, *size)).shape == (1, NUM_CLASSES, *size)
+    model.train()
+    out = model(torch.rand(2, 3, 96, 64))
+    assert set(out) == {'out', 'aux'} and out['aux'].shape == out['out'].shape == (2, NUM_CLASSES, 96, 64)
+    assert model.aux_weight == 0.4
+
+
+def test_an_unknown_head_is_named():
+    with pytest.raises(ValueError, match="head must be one of semfpn, upernet, not 'fcn'"):
+        build_segmenter('xcit_nano_12_p16_224', num_classes=3, head='fcn')

@@ -2,6 +2,7 @@
 from .checkpoints import CheckpointError, load_checkpoint, read_checkpoint
 from .factory import create_model
 from . import passl_config  # noqa: F401  (PASSL's YAML configs are read as ours)
+from . import dense  # noqa: F401  (registers maskrcnn_*, semfpn_*, upernet_*)
 from .models import CvT, FCViT, XCiT, XCiTDense, convert_sync_batchnorm, optimize_for_inference
 from .registry import get_pretrained_cfg, is_model, list_models
 

@@ -87,7 +87,7 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal['imagefolder', 'labellist', 'digits'] = 'digits'
+    dataset: Literal['imagefolder', 'labellist', 'digits', 'digit_scenes'] = 'digits'
     root: str | None = Field(None, description='imagefolder: folder with the split folders; labellist: image root')
     train_split: str = Field('train', description='imagefolder: sub-folder; labellist: label file')
     val_split: str = Field('val', description='imagefolder: sub-folder; labellist: label file')
@@ -198,6 +198,37 @@ class TrainConfig(_Section):
     progress: bool = True
 
 
+class ScenesConfig(_Section):
+    """The built-in `digit_scenes` data of the dense tasks (`xcit.data.scenes`)."""
+    train_length: int = Field(2048, ge=1, le=10_000_000, description='scenes per training epoch')
+    val_length: int = Field(200, ge=1, le=10_000_000)
+    min_side: int = Field(128, ge=8, le=4096)
+    max_side: int = Field(256, ge=8, le=4096)
+    digit_sizes: tuple[int, int] = Field((20, 72), description='(min, max) digit height in pixels')
+    max_digits: int = Field(6, ge=1, le=64)
+
+    @model_validator(mode='after')
+    def _sizes_fit(self):
+        if self.min_side > self.max_side:
+            raise ValueError(f'min_side {self.min_side} is above max_side {self.max_side}')
+        low, high = self.digit_sizes
+        if not 8 <= low <= high <= self.min_side:
+            raise ValueError(f'digit_sizes {self.digit_sizes} must lie in [8, min_side={self.min_side}]')
+        return self
+
+
+class LossConfig(_Section):
+    class_weight: list[float] | None = Field(None, description=(
+        "segmentation: the cross-entropy's weight of each class (mmseg's class_weight); default: all 1"))
+
+    @field_validator('class_weight')
+    @classmethod
+    def _non_negative(cls, value):
+        if value is not None and (not value or min(value) < 0):
+            raise ValueError('expected one weight of 0 or more per class')
+        return value
+
+
 class DistillConfig(_Section):
     type: Literal['none', 'hard', 'soft', 'dml'] = 'none'
     teacher: str = Field('regnety_160', description='a registered model, else a timm model name')
@@ -220,6 +251,8 @@ class Config(_Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    scenes: ScenesConfig = Field(default_factory=ScenesConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
 
     @field_validator('experiment')
     @classmethod
@@ -233,7 +266,7 @@ class Config(_Section):
         mixing = self.augment.mixup > 0 or self.augment.cutmix > 0
         if mixing and self.augment.mixup_mode == 'batch' and self.data.batch_size % 2:
             raise ValueError(f'data.batch_size must be even with mixup/cutmix in batch mode (got {self.data.batch_size})')
-        if self.data.dataset != 'digits' and not self.data.root:
+        if self.data.dataset not in ('digits', 'digit_scenes') and not self.data.root:
             raise ValueError(f'data.root is required for the {self.data.dataset} dataset')
         return self
 

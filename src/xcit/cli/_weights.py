@@ -57,10 +57,14 @@ def model_with_weights(name: str, checkpoint: str | None) -> tuple[nn.Module, An
     raw = read_checkpoint(checkpoint)
     state_dict = extract_state_dict(raw, source=checkpoint)
     config = run_config(raw, checkpoint)
-    kwargs = config.model.kwargs if config is not None else {}
+    # a dense model's backbone weights are in the checkpoint: its start (`backbone_checkpoint`) is not read
+    kwargs = {k: v for k, v in (config.model.kwargs if config is not None else {}).items()
+              if k != 'backbone_checkpoint'}
     guess = guess_weights(state_dict)
+    classes = raw.get('task', {}).get('classes') if isinstance(raw, dict) and isinstance(raw.get('task'), dict) else None
+    num_classes = guess.num_classes if guess else len(classes) if isinstance(classes, list) else None
     try:
-        model = create_model(name, num_classes=guess.num_classes if guess else None, **kwargs)
+        model = create_model(name, num_classes=num_classes, **kwargs)
     except TypeError as e:  # the stored model arguments do not fit this architecture
         raise ValueError(f'{checkpoint}: its run config has model arguments {name} does not take ({e})') from None
     load_into(model, state_dict, source=checkpoint)

@@ -35,11 +35,6 @@ def add_parser(sub) -> None:
     e.set_defaults(run=run_eval, resume=None, evaluate_only=True)
 
 
-def _report(metrics: dict) -> None:
-    print(f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
-          f"({metrics['count']} images" + (f", {metrics['skipped']} unreadable skipped)" if metrics['skipped'] else ')'))
-
-
 def run_train(args: argparse.Namespace) -> int:
     import os
 
@@ -51,8 +46,7 @@ def run_train(args: argparse.Namespace) -> int:
     if result.run_dir is not None:
         print(f'run folder: {result.run_dir}')
     if result.metrics:
-        print('final evaluation: ', end='')
-        _report(result.metrics)
+        print(f'final evaluation: {result.summary}')
     return 0
 
 

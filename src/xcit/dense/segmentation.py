@@ -1,10 +1,19 @@
-"""Semantic FPN (the official XCiT segmenter, mmseg's FPNHead) over any of our `features_only` backbones.
+"""Semantic FPN and UperNet (the official XCiT segmenters, mmseg's FPNHead and UPerHead) over any of our
+`features_only` backbones.
 
+Semantic FPN:
 The pyramid goes through torchvision's FeaturePyramidNetwork (out channels = the backbone's
 width in the official configs). Each level then gets conv 3x3 - BatchNorm - ReLU units, each
 followed by a 2x bilinear upsampling, until it reaches stride 4 (one unit and no upsampling
 at stride 4 itself); the levels are summed, dropped out at 0.1 and classified by a 1x1 conv;
-the logits are resized to the input. Train it with cross-entropy and ignore index 255.
+the logits are resized to the input.
+
+UperNet: no neck. A pyramid pooling module (average pools of 1, 2, 3 and 6 cells, each conv 1x1 -
+BN - ReLU and upsampled back) over the stride-32 map, 1x1 laterals on the others, a top-down
+path, 3x3 convs, all levels upsampled to stride 4, concatenated and fused by a 3x3 conv, then
+dropout 0.1 and a 1x1 classifier. In training an auxiliary FCN head on the stride-16 map (one
+3x3 conv of 256, dropout 0.1, 1x1) adds its loss at weight 0.4, as the official recipe has it.
+Train either with cross-entropy and ignore index 255.
 """
 from __future__ import annotations
 
@@ -17,9 +26,9 @@ import torch.nn.functional as F
 from torchvision.ops import FeaturePyramidNetwork
 
 
-def _unit(in_channels: int, out_channels: int) -> list[nn.Module]:
-    return [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
-            nn.ReLU(inplace=True)]
+def _unit(in_channels: int, out_channels: int, kernel: int = 3) -> list[nn.Module]:
+    return [nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False),
+            nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)]
 
 
 class SemanticFPN(nn.Module):
@@ -56,9 +65,63 @@ class SemanticFPN(nn.Module):
         return F.interpolate(logits, size=(H, W), mode='bilinear', align_corners=False)  # (B, K, H, W)
 
 
-def build_segmenter(backbone: str | nn.Module, num_classes: int, **kwargs) -> SemanticFPN:
-    """Semantic FPN over `backbone`: a registered name, built with `features_only=True`, or such a module."""
+def _resize(x: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode='bilinear', align_corners=False)
+
+
+class UperNet(nn.Module):
+    """(B, 3, H, W) images -> (B, num_classes, H, W) logits; in training with the auxiliary head,
+    {'out': logits, 'aux': the auxiliary head's logits}, which the loss weighs 1 and `aux_weight`."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, channels: int = 512,
+                 pool_scales: tuple[int, ...] = (1, 2, 3, 6), aux_channels: int = 256, aux_weight: float = 0.4,
+                 dropout: float = 0.1):
+        super().__init__()
+        self.backbone = backbone
+        widths = [info['num_chs'] for info in backbone.feature_info]
+        self.strides = [info['reduction'] for info in backbone.feature_info]
+        self.pools = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(scale), *_unit(widths[-1], channels, 1))
+                                   for scale in pool_scales)
+        self.ppm_bottleneck = nn.Sequential(*_unit(widths[-1] + len(pool_scales) * channels, channels))
+        self.laterals = nn.ModuleList(nn.Sequential(*_unit(w, channels, 1)) for w in widths[:-1])
+        self.fpn_convs = nn.ModuleList(nn.Sequential(*_unit(channels, channels)) for _ in widths[:-1])
+        self.fpn_bottleneck = nn.Sequential(*_unit(len(widths) * channels, channels))
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(channels, num_classes, 1)
+        self.aux_weight = aux_weight
+        self.aux_head = None
+        if aux_channels:  # on the stride-16 map, the third of four
+            self.aux_head = nn.Sequential(*_unit(widths[min(2, len(widths) - 1)], aux_channels), nn.Dropout2d(dropout),
+                                          nn.Conv2d(aux_channels, num_classes, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        H, W = x.shape[-2:]
+        features = self.backbone(x)  # (B, C_i, H / s_i, W / s_i), strides 4 to 32
+        top = features[-1]
+        pooled = [_resize(pool(top), top.shape[-2:]) for pool in self.pools]
+        levels = [lateral(f) for lateral, f in zip(self.laterals, features[:-1])]
+        levels.append(self.ppm_bottleneck(torch.cat([top, *pooled], 1)))  # (B, channels, H / 32, W / 32)
+        for i in range(len(levels) - 1, 0, -1):  # top-down
+            levels[i - 1] = levels[i - 1] + _resize(levels[i], levels[i - 1].shape[-2:])
+        outs = [conv(level) for conv, level in zip(self.fpn_convs, levels[:-1])] + [levels[-1]]
+        size = outs[0].shape[-2:]
+        fused = self.fpn_bottleneck(torch.cat([outs[0]] + [_resize(o, size) for o in outs[1:]], 1))
+        logits = _resize(self.classifier(self.dropout(fused)), (H, W))  # (B, K, H, W)
+        if self.training and self.aux_head is not None:
+            aux = _resize(self.aux_head(features[min(2, len(features) - 1)]), (H, W))
+            return dict(out=logits, aux=aux)
+        return logits
+
+
+SEGMENTERS = dict(semfpn=SemanticFPN, upernet=UperNet)
+
+
+def build_segmenter(backbone: str | nn.Module, num_classes: int, head: str = 'semfpn', **kwargs) -> nn.Module:
+    """Semantic FPN (`head='semfpn'`) or UperNet (`'upernet'`) over `backbone`: a registered name, built with
+    `features_only=True`, or such a module. Other keywords go to the head (e.g. `channels`)."""
+    if head not in SEGMENTERS:
+        raise ValueError(f"head must be one of {', '.join(SEGMENTERS)}, not {head!r}")
     if isinstance(backbone, str):
         from ..factory import create_model
         backbone = create_model(backbone, features_only=True)
-    return SemanticFPN(backbone, num_classes, **kwargs)
+    return SEGMENTERS[head](backbone, num_classes, **kwargs)

@@ -44,6 +44,7 @@ class FitResult:
     run_dir: Path | None
     metrics: dict = field(default_factory=dict)  # the last evaluation, with `skipped` unreadable samples
     history: list[dict] = field(default_factory=list)  # one row per epoch, as in metrics.jsonl
+    summary: str = ''  # the task's one line on `metrics`, for people
 
 
 def autocast(amp: str, device: torch.device):
@@ -108,7 +109,8 @@ def evaluate_task(task: Task, env: DistEnv, seed: int, amp: str = 'none') -> Fit
     """Build the task's model and data (loading whatever weights it is given) and evaluate once."""
     with rng_scope(seed):
         task.setup(env, fresh=True)
-    return FitResult(task.model, None, evaluate(task, task.model, env, amp)[0])
+    metrics = evaluate(task, task.model, env, amp)[0]
+    return FitResult(task.model, None, metrics, summary=task.summary(metrics))
 
 
 def fit(task: Task, env: DistEnv, train: TrainConfig, optim: OptimConfig, schedule: ScheduleConfig, seed: int,
@@ -206,7 +208,7 @@ class _Trainer:
         if self.log is not None:
             plot_curves(history, self.run_dir / 'curves.png', self.task.best_metric)
             self.log.close()
-        return FitResult(self.model, self.run_dir, metrics, history)
+        return FitResult(self.model, self.run_dir, metrics, history, summary=self.task.summary(metrics))
 
     def train_epoch(self) -> tuple[dict, set[str]]:
         """One epoch (its remainder, when resumed mid-epoch): its log row and the unreadable samples met."""

@@ -62,6 +62,10 @@ class Task:
     def after_step(self, step: int) -> None:
         """Called after each optimizer step (e.g. a teacher's EMA, a running centre)."""
 
+    def summary(self, metrics: dict) -> str:
+        """One line for people on an evaluation's `metrics` (what `xcit train` and `xcit eval` end with)."""
+        return ', '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in metrics.items())
+
     def describe(self) -> str:
         """One line for the log: what is trained on what."""
         return type(self).__name__

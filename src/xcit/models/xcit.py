@@ -665,7 +665,7 @@ def checkpoint_filter_fn(state_dict: dict, model: nn.Module) -> dict:
                if not (k == 'cls_token' or k.startswith(('cls_attn_blocks.', 'norm.', 'head.')))}
         if not any(k.startswith('fpn') for k in out):
             # a classification checkpoint: the pyramid adapters start from their initialisation, as in the official code
-            _logger.info('checkpoint has no fpn adapters; they keep their initialisation')
+            _logger.debug('checkpoint has no fpn adapters; they keep their initialisation')
             out.update({k: v for k, v in model.state_dict().items() if k.startswith('fpn')})
     return out
 

@@ -11,6 +11,8 @@ from typing import Callable
 from ..config import Config, ConfigError
 from ..engine import FitResult, Task, distributed_session, evaluate_task, fit, free_run_dir
 from .classification import ClassificationTask
+from .detection import DetectionTask
+from .segmentation import SegmentationTask
 
 # name -> builder(config, load, evaluate_only) -> Task
 TASKS: dict[str, Callable[..., Task]] = {}
@@ -23,6 +25,8 @@ def register_task(name: str, builder: Callable[..., Task]) -> None:
 
 
 register_task('classification', ClassificationTask)
+register_task('detection', DetectionTask)
+register_task('segmentation', SegmentationTask)
 
 
 def build_task(config: Config, load: str | Path | None = None, evaluate_only: bool = False) -> Task:
@@ -45,4 +49,4 @@ def run(config: Config, resume: str | Path | None = None, load: str | Path | Non
                    record=config.to_dict(), resume=resume)
 
 
-__all__ = ['ClassificationTask', 'TASKS', 'build_task', 'register_task', 'run']
+__all__ = ['ClassificationTask', 'DetectionTask', 'SegmentationTask', 'TASKS', 'build_task', 'register_task', 'run']

@@ -95,6 +95,11 @@ class ClassificationTask(Task):
         return dict(loss=totals[2].item() / count, top1=100 * totals[0].item() / count,
                     top5=100 * totals[1].item() / count, count=int(totals[3].item()))
 
+    def summary(self, metrics: dict) -> str:
+        skipped = f", {metrics['skipped']} unreadable skipped" if metrics.get('skipped') else ''
+        return (f"top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
+                f"({metrics['count']} images{skipped})")
+
     def describe(self) -> str:
         sizes = f'{len(self.train_source)} train / ' if self.train_source else ''
         return f'{self.config.model.name}, {self.num_classes} classes, {sizes}{len(self.val_source)} val images'
