@@ -18,7 +18,7 @@ def test_models_table(capsys):
 def test_models_table_lists_every_family(capsys):
     assert main(['models']) == 0
     families = {line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]}
-    assert families == {'xcit', 'cvt', 'fcvit'}
+    assert families == {'xcit', 'cvt', 'fcvit', 'maskrcnn', 'semfpn', 'upernet'}
 
 
 def test_models_pretrained_lists_urls(capsys):

@@ -31,9 +31,9 @@ def run(args: argparse.Namespace) -> int:
             cfg = get_pretrained_cfg(name)
             print(f"{name:<42} {cfg['input_size'][-1]:>5}  {cfg['url']}")
         return 0
-    print(f"{'model':<24} {'family':<7} {'params (M)':>10} {'input':>5}  weights")
+    print(f"{'model':<28} {'family':<8} {'params (M)':>10} {'input':>5}  weights")
     for name in names:
         entry = get_model_entry(name)
         size = get_pretrained_cfg(name)['input_size'][-1]
-        print(f"{name:<24} {entry.family:<7} {parameter_count(name) / 1e6:>10.2f} {size:>5}  {', '.join(entry.cfgs)}")
+        print(f"{name:<28} {entry.family:<8} {parameter_count(name) / 1e6:>10.2f} {size:>5}  {', '.join(entry.cfgs) or '-'}")
     return 0
