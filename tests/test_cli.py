@@ -39,7 +39,7 @@ def test_bad_input_is_one_line_and_exit_code_2(capsys):
 @pytest.mark.slow
 def test_bench_resolution_sweep_writes_json_and_plot(tmp_path):
     out, plot = tmp_path / 'sweep.json', tmp_path / 'sweep.png'
-    proc = run_cli('bench', '--model', 'xcit_nano_12_p16_224', '--resolutions', '64,128', '--iters', '1',
+    proc = run_cli('bench', '--model', 'xcit_nano_12_p16_224', '--resolutions', '64,128', '--iters', '1', '--rounds', '1',
                    '--baseline', 'vit_tiny_patch16_224', '--json', out, '--plot', plot)
     assert proc.returncode == 0, proc.stderr
     results = json.loads(out.read_text())['results']

@@ -124,11 +124,12 @@ def test_a_tiny_run_trains_evaluates_and_checkpoints(tmp_path, task, name):
     assert ('objects' if task == 'detection' else 'background') in done.stdout
 
 
-def test_a_dense_task_on_a_classification_dataset_is_one_line_and_exit_2(tmp_path):
+def test_a_dense_task_on_a_classification_dataset_is_one_line_and_exit_2(tmp_path, capsys):
+    from xcit.cli.main import main
     path = _config(tmp_path, 'detection', 'maskrcnn_xcit_nano_12_p16')
-    done = run_cli('train', '-c', path, '-o', 'data.dataset=digits')
-    assert done.returncode == 2 and 'data.dataset must be one of digit_scenes' in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+    assert main(['train', '-c', str(path), '-o', 'data.dataset=digits']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'data.dataset must be one of digit_scenes' in err[0]
 
 
 def test_class_weights_must_match_the_classes(tmp_path):

@@ -87,9 +87,11 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal['imagefolder', 'labellist', 'digits', 'digit_scenes'] = 'digits'
-    root: str | None = Field(None, description='imagefolder: folder with the split folders; labellist: image root')
-    train_split: str = Field('train', description='imagefolder: sub-folder; labellist: label file')
+    dataset: Literal['imagefolder', 'labellist', 'digits', 'digit_scenes', 'coco'] = 'digits'
+    root: str | None = Field(None, description=(
+        'imagefolder: folder with the split folders; labellist: image root; coco: folder with the split '
+        'image folders and annotations/instances_<split>.json'))
+    train_split: str = Field('train', description='imagefolder, coco: sub-folder (coco: e.g. train2017); labellist: label file')
     val_split: str = Field('val', description='imagefolder: sub-folder; labellist: label file')
     image_size: int | None = Field(None, ge=8, le=4096, description=(
         "default: the model's pretrained input size; at most 4096, and one batch of float32 images "

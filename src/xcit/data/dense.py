@@ -12,12 +12,13 @@ from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader
+from torchvision import tv_tensors
 
 from ..config import Config, ConfigError
 from .samplers import ShardSampler, TrainSampler
 from .scenes import CLASSES, DigitScenes
 
-DENSE_DATASETS = ('digit_scenes',)
+DENSE_DATASETS = ('digit_scenes', 'coco')
 
 
 class DenseBatch(NamedTuple):
@@ -50,23 +51,80 @@ def pad_and_stack(images: list[torch.Tensor], maps: list[torch.Tensor] | None, m
     return batch, labels
 
 
-def train_transforms(config: Config):
-    """The joint training transforms: a horizontal flip (`augment.hflip`) and photometric jitter
-    (`augment.color_jitter`), or None when both are off."""
+class PadToMultiple(torch.nn.Module):
+    """Pad at the bottom and right to sides divisible by `divisor`: images with 0, masks with `fill_mask`;
+    boxes do not move."""
+
+    def __init__(self, divisor: int = 32, fill_mask: int = 0):
+        super().__init__()
+        self.divisor, self.fill_mask = divisor, fill_mask
+
+    def forward(self, image, target):
+        from torchvision.transforms.v2 import functional as TF
+        H, W = image.shape[-2:]
+        padding = [0, 0, -W % self.divisor, -H % self.divisor]  # left, top, right, bottom
+        image = TF.pad(image, padding, fill=0)
+        target = {k: TF.pad(v, padding, fill=self.fill_mask if isinstance(v, tv_tensors.Mask) else 0)
+                  if isinstance(v, (tv_tensors.Mask, tv_tensors.BoundingBoxes)) else v for k, v in target.items()}
+        return image, target
+
+
+class BoxesFromMasks(torch.nn.Module):
+    """Each box made tight around what its mask still shows: after a crop, the clipped box of a cut
+    instance is larger than its visible part."""
+
+    def forward(self, image, target):
+        if 'masks' not in target or not len(target['masks']):
+            return image, target
+        from .scenes import masks_to_boxes
+        boxes = target['boxes']
+        target = dict(target, boxes=tv_tensors.wrap(masks_to_boxes(target['masks'].bool()), like=boxes))
+        return image, target
+
+
+def joint_transforms(hflip: float = 0.0, min_sizes: tuple[int, ...] = (), max_size: int | None = None,
+                     crop: tuple[int, int] | None = None, jitter: float | None = None, pad_divisor: int | None = None,
+                     ignore_index: int = 255):
+    """Image, boxes and masks together (torchvision.transforms.v2): flip; resize keeping the ratio, the short
+    side one of `min_sizes` and the long side at most `max_size`; a random crop, dropping the instances it
+    cuts away and fitting the boxes to what remains; photometric jitter; padding to a multiple of
+    `pad_divisor` (the semantic map with `ignore_index`)."""
     from torchvision.transforms import v2
-    steps = []
-    if config.augment.hflip > 0:
-        steps.append(v2.RandomHorizontalFlip(config.augment.hflip))
-    if config.augment.color_jitter:
-        j = config.augment.color_jitter
-        steps.append(v2.ColorJitter(brightness=j, contrast=j, saturation=j))
+    steps: list = []
+    if hflip > 0:
+        steps.append(v2.RandomHorizontalFlip(hflip))
+    if min_sizes:
+        steps.append(v2.RandomShortestSize(list(min_sizes), max_size=max_size))
+    if crop:
+        labels = lambda sample: tuple(sample[1][k] for k in ('labels', 'iscrowd') if k in sample[1])  # noqa: E731
+        steps += [v2.RandomCrop(crop, pad_if_needed=True), BoxesFromMasks(), v2.SanitizeBoundingBoxes(labels_getter=labels)]
+    if jitter:
+        steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
+    if pad_divisor:
+        steps.append(PadToMultiple(pad_divisor, ignore_index))
     return v2.Compose(steps) if steps else None
 
 
-def build_dense_source(config: Config, split: str, transforms=None) -> DigitScenes:
-    if config.data.dataset not in DENSE_DATASETS:
+def train_transforms(config: Config):
+    """The joint training transforms of a config: a horizontal flip (`augment.hflip`) and photometric jitter
+    (`augment.color_jitter`), or None when both are off."""
+    return joint_transforms(hflip=config.augment.hflip, jitter=config.augment.color_jitter)
+
+
+def build_dense_source(config: Config, split: str, transforms=None):
+    """The split's dataset: `digit_scenes`, or COCO's layout (root/<split>/ images and
+    root/annotations/instances_<split>.json)."""
+    data = config.data
+    if data.dataset not in DENSE_DATASETS:
         raise ConfigError(f"task {config.task}: data.dataset must be one of {', '.join(DENSE_DATASETS)}, "
-                          f'not {config.data.dataset!r}')
+                          f'not {data.dataset!r}')
+    if data.dataset == 'coco':
+        from pathlib import Path
+
+        from .coco import CocoDetection
+        name = data.train_split if split == 'train' else data.val_split
+        root = Path(data.root)
+        return CocoDetection(root / name, root / 'annotations' / f'instances_{name}.json', transforms=transforms)
     s = config.scenes
     return DigitScenes(split, length=s.train_length if split == 'train' else s.val_length, seed=config.seed,
                        min_side=s.min_side, max_side=s.max_side, max_digits=s.max_digits,
@@ -110,5 +168,6 @@ def build_dense_loaders(config: Config, train_set, val_set, rank: int = 0, world
     return DenseEpochLoader(train, sampler), val
 
 
-__all__ = ['CLASSES', 'DENSE_DATASETS', 'DenseBatch', 'DenseEpochLoader', 'build_dense_loaders',
-           'build_dense_source', 'dense_collate', 'pad_and_stack', 'train_transforms']
+__all__ = ['CLASSES', 'DENSE_DATASETS', 'BoxesFromMasks', 'DenseBatch', 'DenseEpochLoader', 'PadToMultiple',
+           'build_dense_loaders', 'build_dense_source', 'dense_collate', 'joint_transforms', 'pad_and_stack',
+           'train_transforms']

@@ -31,13 +31,16 @@ def xyxy_to_xywh(boxes: torch.Tensor) -> list[list[float]]:
     return torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1).tolist()
 
 
-def coco_ground_truth(samples, categories: list[dict]) -> dict:
-    """A COCO annotation dict from (image_id, (H, W), target) triples whose targets hold `boxes` (XYXY),
-    `labels` (the category ids) and optionally `masks` and `iscrowd`."""
+def coco_ground_truth(samples, categories: list[dict], file_names: dict | None = None) -> dict:
+    """A COCO annotation dict (what `json.dump` writes as a COCO file) from (image_id, (H, W), target) triples
+    whose targets hold `boxes` (XYXY), `labels` (the category ids) and optionally `masks` (written as RLE)
+    and `iscrowd`; `file_names`: image id -> file name."""
     from pycocotools import mask as mask_utils
     images, annotations = [], []
     for image_id, (height, width), target in samples:
         images.append(dict(id=int(image_id), height=int(height), width=int(width)))
+        if file_names:
+            images[-1]['file_name'] = file_names[image_id]
         boxes = xyxy_to_xywh(torch.as_tensor(target['boxes']))
         rles = encode_masks(torch.as_tensor(target['masks'])) if 'masks' in target else [None] * len(boxes)
         crowd = target.get('iscrowd', torch.zeros(len(boxes), dtype=torch.long))

@@ -41,13 +41,24 @@ class DetectionTask(Task):
         self.env = env
         self.train_data, self.val_loader = build_dense_loaders(self.config, self.train_set, self.val_set,
                                                                env.rank, env.world_size)
-        categories = [dict(id=i, name=name) for i, name in enumerate(self.classes) if i > 0]
-        scenes = (self.val_set[i] for i in range(len(self.val_set)))
-        self.ground_truth = coco_ground_truth(((t['image_id'], image.shape[-2:], t) for image, t in scenes), categories)
+        # label -> the category id the ground truth uses (a COCO file's own ids; the scenes' labels are theirs)
+        self.category_ids = getattr(self.val_set, 'category_ids', list(range(len(self.classes))))
+        if hasattr(self.val_set, 'ground_truth'):
+            self.ground_truth = self.val_set.ground_truth()
+        else:
+            categories = [dict(id=i, name=name) for i, name in enumerate(self.classes) if i > 0]
+            scenes = (self.val_set[i] for i in range(len(self.val_set)))
+            self.ground_truth = coco_ground_truth(((t['image_id'], image.shape[-2:], t) for image, t in scenes),
+                                                  categories)
 
     def _targets(self, targets: list[dict]) -> list[dict]:
+        """What the detector trains on; crowd regions (COCO's `iscrowd`) are left out, as in COCO training."""
         keys = _TARGET_KEYS if self.masks else _TARGET_KEYS[:2]
-        return [{k: t[k].to(self.env.device) for k in keys} for t in targets]
+        kept = []
+        for t in targets:
+            keep = t['iscrowd'] == 0 if 'iscrowd' in t else slice(None)
+            kept.append({k: t[k][keep].to(self.env.device) for k in keys})
+        return kept
 
     def training_loss(self, model: nn.Module, batch) -> torch.Tensor:
         images = [image.to(self.env.device) for image in batch.images]  # (3, H_i, W_i)
@@ -64,7 +75,10 @@ class DetectionTask(Task):
         for batch in batches:
             outputs = model([image.to(self.env.device) for image in batch.images])
             for target, output in zip(batch.targets, outputs):
-                evaluator.update(target['image_id'], {k: v.cpu() for k, v in output.items()})
+                output = {k: v.cpu() for k, v in output.items()}
+                output['labels'] = torch.tensor([self.category_ids[c] for c in output['labels'].tolist()],
+                                                dtype=torch.long)
+                evaluator.update(target['image_id'], output)
             count += len(batch.images)
         all_reduce_sum(count, self.env)
         scores = evaluator.reduce().compute()
