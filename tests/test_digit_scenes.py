@@ -67,3 +67,23 @@ def test_masks_to_boxes_uses_pixel_edges():
 def test_impossible_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
         DigitScenes(**kwargs)
+
+
+def _box_overlap(a, b):
+    w = (min(a[2], b[2]) - max(a[0], b[0])).clamp(min=0)
+    h = (min(a[3], b[3]) - max(a[1], b[1])).clamp(min=0)
+    return float(w * h)
+
+
+def test_digits_hide_little_of_each_other():
+    scenes = DigitScenes('train', length=40, seed=3, max_digits=6, min_side=96, max_side=144, digit_sizes=(24, 48))
+    worst, count = 0.0, 0
+    for i in range(len(scenes)):
+        boxes = scenes[i][1]['boxes']
+        count += len(boxes)
+        for j in range(len(boxes)):
+            for k in range(j + 1, len(boxes)):
+                smaller = min(float((b[2] - b[0]) * (b[3] - b[1])) for b in (boxes[j], boxes[k]))
+                worst = max(worst, _box_overlap(boxes[j], boxes[k]) / smaller)
+    assert count > 80  # crowded scenes, yet each digit stays mostly in view
+    assert worst <= 0.6

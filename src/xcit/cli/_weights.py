@@ -32,6 +32,17 @@ def report_problems(command: str, inputs: list[tuple[Any, str | None]]) -> int:
     return len(problems)
 
 
+def class_names(raw) -> list[str] | None:
+    """The class names a training checkpoint stores (its classification task's state; at the top level in
+    checkpoints of format version 1), when they are strings."""
+    if not isinstance(raw, dict):
+        return None
+    classes = raw['task'].get('classes') if isinstance(raw.get('task'), dict) else raw.get('classes')
+    if isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes):
+        return list(classes)
+    return None
+
+
 def run_config(raw: Any, source: str):
     """The run config a training checkpoint stores, validated; None when the checkpoint has none."""
     from ..config import validate_config
@@ -61,8 +72,8 @@ def model_with_weights(name: str, checkpoint: str | None) -> tuple[nn.Module, An
     kwargs = {k: v for k, v in (config.model.kwargs if config is not None else {}).items()
               if k != 'backbone_checkpoint'}
     guess = guess_weights(state_dict)
-    classes = raw.get('task', {}).get('classes') if isinstance(raw, dict) and isinstance(raw.get('task'), dict) else None
-    num_classes = guess.num_classes if guess else len(classes) if isinstance(classes, list) else None
+    classes = class_names(raw)
+    num_classes = guess.num_classes if guess else len(classes) if classes else None
     try:
         model = create_model(name, num_classes=num_classes, **kwargs)
     except TypeError as e:  # the stored model arguments do not fit this architecture

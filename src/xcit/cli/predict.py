@@ -28,22 +28,11 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def class_names(raw) -> list[str] | None:
-    """The class names a training checkpoint stores (its classification task's state; at the top level in
-    checkpoints of format version 1), when they are strings."""
-    if not isinstance(raw, dict):
-        return None
-    classes = raw['task'].get('classes') if isinstance(raw.get('task'), dict) else raw.get('classes')
-    if isinstance(classes, (list, tuple)) and all(isinstance(c, str) for c in classes):
-        return list(classes)
-    return None
-
-
 def run(args: argparse.Namespace) -> int:
     from ..config import Config
     from ..data import build_eval_transform
     from ..data.datasets import image_files, read_image
-    from ._weights import error, model_with_weights, report_problems, run_config
+    from ._weights import class_names, error, model_with_weights, report_problems, run_config
 
     if args.topk < 1:
         raise ValueError(f'--topk must be at least 1, not {args.topk}')

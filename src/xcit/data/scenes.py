@@ -59,7 +59,7 @@ class DigitScenes(torch.utils.data.Dataset):
         H, W = randint(self.min_side, self.max_side), randint(self.min_side, self.max_side)
         image = _texture(H, W, g)  # (3, H, W)
         owner = torch.full((H, W), -1, dtype=torch.long)  # which pasted digit each pixel shows
-        labels, sources = [], []
+        labels, sources, placed = [], [], []
         for _ in range(randint(1, self.max_digits)):
             which = randint(0, len(self.digits) - 1)
             side = randint(*self.digit_sizes)
@@ -68,7 +68,13 @@ class DigitScenes(torch.utils.data.Dataset):
             ink = F.interpolate(self.digits[which][None, None], size=(h, w), mode='bicubic',
                                 align_corners=False)[0, 0]
             ink = ((ink - 0.3) * 2.5).clamp(0, 1)  # (h, w): crisper strokes than the 8x8 source's blur
-            top, left = randint(0, H - h), randint(0, W - w)
+            for _ in range(8):  # a digit may hide at most a third of another's frame: the scene stays legible
+                top, left = randint(0, H - h), randint(0, W - w)
+                if all(_overlap((top, left, h, w), other) <= min(h * w, other[2] * other[3]) / 3 for other in placed):
+                    break
+            else:
+                continue  # no room left for it
+            placed.append((top, left, h, w))
             colour = _contrasting_colour(image[:, top:top + h, left:left + w], g)  # (3,)
             alpha = ink[None]
             patch = image[:, top:top + h, left:left + w]
@@ -109,6 +115,13 @@ def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:
     x1 = torch.where(cols, w_idx, masks.shape[2]).min(1).values
     x2 = torch.where(cols, w_idx, -1).max(1).values + 1
     return torch.stack([x1, y1, x2, y2], 1).float()
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
+    """Pixels shared by two (top, left, height, width) rectangles."""
+    rows = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    cols = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    return max(rows, 0) * max(cols, 0)
 
 
 def _texture(H: int, W: int, g: torch.Generator) -> torch.Tensor:
