@@ -9,38 +9,20 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..config import Config
-from ..data.dense import build_dense_loaders, build_dense_source, train_transforms
 from ..engine.distributed import DistEnv, all_reduce_sum
-from ..engine.task import Task
-from ..factory import create_model
 from ..metrics.coco import STATS, CocoEvaluator, coco_ground_truth
+from .dense import DenseTask
 
 _TARGET_KEYS = ('boxes', 'labels', 'masks')  # what torchvision's detectors train on
 
 
-class DetectionTask(Task):
+class DetectionTask(DenseTask):
     best_metric = 'box_AP'
-    higher_is_better = True
-
-    def __init__(self, config: Config, load: str | None = None, evaluate_only: bool = False):
-        self.config = config
-        self.weights = load or config.model.checkpoint
-        self.evaluate_only = evaluate_only
-        self.train_set = None if evaluate_only else build_dense_source(config, 'train', train_transforms(config))
-        self.val_set = build_dense_source(config, 'val')
-        self.classes = list(self.val_set.classes)  # index 0 is the background
-        self.num_classes = config.model.num_classes or len(self.classes)
+    name = 'detection'
 
     def setup(self, env: DistEnv, fresh: bool) -> None:
-        m = self.config.model
-        self.model = create_model(m.name, checkpoint_path=self.weights if fresh else None,
-                                  num_classes=self.num_classes, drop_path_rate=m.drop_path_rate,
-                                  **m.kwargs).to(env.device)
+        super().setup(env, fresh)
         self.masks = getattr(self.model.roi_heads, 'has_mask', lambda: False)()
-        self.env = env
-        self.train_data, self.val_loader = build_dense_loaders(self.config, self.train_set, self.val_set,
-                                                               env.rank, env.world_size)
         # label -> the category id the ground truth uses (a COCO file's own ids; the scenes' labels are theirs)
         self.category_ids = getattr(self.val_set, 'category_ids', list(range(len(self.classes))))
         if hasattr(self.val_set, 'ground_truth'):
@@ -64,9 +46,6 @@ class DetectionTask(Task):
         images = [image.to(self.env.device) for image in batch.images]  # (3, H_i, W_i)
         losses = model(images, self._targets(batch.targets))
         return sum(losses.values())
-
-    def eval_batches(self):
-        return self.val_loader
 
     def evaluate(self, model: nn.Module, batches) -> dict[str, float]:
         iou_types = ('bbox', 'segm') if self.masks else ('bbox',)
@@ -92,10 +71,3 @@ class DetectionTask(Task):
         if 'mask_AP50' in metrics:
             line += f", mask AP50 {metrics['mask_AP50']:.3f}"
         return line + f" (box AP {metrics['box_AP']:.3f}; {metrics['count']} images)"
-
-    def describe(self) -> str:
-        sizes = f'{len(self.train_set)} train / ' if self.train_set is not None else ''
-        return f'{self.config.model.name}, {self.num_classes - 1} classes, {sizes}{len(self.val_set)} val images'
-
-    def state_dict(self) -> dict:
-        return dict(classes=self.classes, architecture=self.config.model.name, task='detection')

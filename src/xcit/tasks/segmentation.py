@@ -11,43 +11,30 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import Config, ConfigError
-from ..data.dense import build_dense_loaders, build_dense_source, pad_and_stack, train_transforms
+from ..data.dense import pad_and_stack
 from ..engine.distributed import DistEnv
-from ..engine.task import Task
-from ..factory import create_model
 from ..metrics.segmentation import ConfusionMatrix
+from .dense import DenseTask
 
 IGNORE_INDEX = 255
 
 
-class SegmentationTask(Task):
+class SegmentationTask(DenseTask):
     best_metric = 'mIoU'
-    higher_is_better = True
+    name = 'segmentation'
 
     def __init__(self, config: Config, load: str | None = None, evaluate_only: bool = False):
-        self.config = config
-        self.weights = load or config.model.checkpoint
-        self.evaluate_only = evaluate_only
-        self.train_set = None if evaluate_only else build_dense_source(config, 'train', train_transforms(config))
-        self.val_set = build_dense_source(config, 'val')
-        self.classes = list(self.val_set.classes)
-        self.num_classes = config.model.num_classes or len(self.classes)
+        super().__init__(config, load, evaluate_only)
         weights = config.loss.class_weight
         if weights is not None and len(weights) != self.num_classes:
             raise ConfigError(f'loss.class_weight has {len(weights)} weights for {self.num_classes} classes')
 
     def setup(self, env: DistEnv, fresh: bool) -> None:
-        m = self.config.model
-        self.model = create_model(m.name, checkpoint_path=self.weights if fresh else None,
-                                  num_classes=self.num_classes, drop_path_rate=m.drop_path_rate,
-                                  **m.kwargs).to(env.device)
+        super().setup(env, fresh)
         cfg = self.model.pretrained_cfg
         self.mean, self.std = self.config.data.mean or cfg['mean'], self.config.data.std or cfg['std']
-        self.env = env
         weights = self.config.loss.class_weight
         self.class_weight = None if weights is None else torch.tensor(weights, device=env.device)
-        self.train_data, self.val_loader = build_dense_loaders(self.config, self.train_set, self.val_set,
-                                                               env.rank, env.world_size)
 
     def _stack(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         images = [image.to(self.env.device) for image in batch.images]
@@ -63,9 +50,6 @@ class SegmentationTask(Task):
             return sum(weight * loss(out[key]) for key, weight in model_loss_weights(model).items())
         return loss(out)
 
-    def eval_batches(self):
-        return self.val_loader
-
     def evaluate(self, model: nn.Module, batches) -> dict[str, float]:
         confusion = ConfusionMatrix(self.num_classes, ignore_index=IGNORE_INDEX, device=self.env.device)
         for batch in batches:
@@ -78,13 +62,6 @@ class SegmentationTask(Task):
 
     def summary(self, metrics: dict) -> str:
         return f"mIoU {metrics['mIoU']:.3f} (pixel accuracy {metrics['pixel_accuracy']:.3f})"
-
-    def describe(self) -> str:
-        sizes = f'{len(self.train_set)} train / ' if self.train_set is not None else ''
-        return f'{self.config.model.name}, {self.num_classes} classes, {sizes}{len(self.val_set)} val images'
-
-    def state_dict(self) -> dict:
-        return dict(classes=self.classes, architecture=self.config.model.name, task='segmentation')
 
 
 def model_loss_weights(model: nn.Module) -> dict[str, float]:
