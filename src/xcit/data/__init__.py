@@ -72,14 +72,15 @@ class EpochLoader:
     """Training batches epoch by epoch, as the engine drives them: `set_epoch(epoch, start_batch)`
     shuffles and augments for that epoch and leaves out the batches a resumed run already trained on."""
 
-    def __init__(self, loader: DataLoader, sampler: TrainSampler, dataset: TransformedDataset):
+    def __init__(self, loader: DataLoader, sampler: TrainSampler, dataset: TransformedDataset | None = None):
         self.loader, self.sampler, self.dataset = loader, sampler, dataset
         self.batch_size = loader.batch_size
         self.batches_per_epoch = len(loader)  # counted before any skip
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.set_epoch(epoch)
-        self.dataset.set_epoch(epoch)
+        if self.dataset is not None:  # augmentation seeded per epoch; the dense data draws from the step's scope
+            self.dataset.set_epoch(epoch)
         self.sampler.skip(start_batch * self.batch_size)
 
     def __len__(self) -> int:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from torchvision import tv_tensors
 
 from ..config import Config, ConfigError
+from . import EpochLoader
 from .samplers import ShardSampler, TrainSampler
 from .scenes import CLASSES, DigitScenes
 
@@ -131,28 +132,8 @@ def build_dense_source(config: Config, split: str, transforms=None):
                        digit_sizes=tuple(s.digit_sizes), transforms=transforms)
 
 
-class DenseEpochLoader:
-    """Training batches epoch by epoch: `set_epoch(epoch, start_batch)` reshuffles and leaves out the batches
-    a resumed run already trained on."""
-
-    def __init__(self, loader: DataLoader, sampler: TrainSampler):
-        self.loader, self.sampler = loader, sampler
-        self.batch_size = loader.batch_size
-        self.batches_per_epoch = len(loader)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.sampler.set_epoch(epoch)
-        self.sampler.skip(start_batch * self.batch_size)
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch
-
-    def __iter__(self):
-        return iter(self.loader)
-
-
 def build_dense_loaders(config: Config, train_set, val_set, rank: int = 0, world_size: int = 1
-                        ) -> tuple[DenseEpochLoader | None, DataLoader]:
+                        ) -> tuple[EpochLoader | None, DataLoader]:
     data = config.data
     common = dict(num_workers=data.num_workers, collate_fn=dense_collate,
                   generator=torch.Generator().manual_seed(config.seed))
@@ -165,9 +146,9 @@ def build_dense_loaders(config: Config, train_set, val_set, rank: int = 0, world
                           f'({data.batch_size} x {world_size} processes)')
     sampler = TrainSampler(len(train_set), world_size, rank, seed=config.seed)
     train = DataLoader(train_set, batch_size=data.batch_size, sampler=sampler, drop_last=True, **common)
-    return DenseEpochLoader(train, sampler), val
+    return EpochLoader(train, sampler), val
 
 
-__all__ = ['CLASSES', 'DENSE_DATASETS', 'BoxesFromMasks', 'DenseBatch', 'DenseEpochLoader', 'PadToMultiple',
+__all__ = ['CLASSES', 'DENSE_DATASETS', 'BoxesFromMasks', 'DenseBatch', 'PadToMultiple',
            'build_dense_loaders', 'build_dense_source', 'dense_collate', 'joint_transforms', 'pad_and_stack',
            'train_transforms']
