@@ -13,7 +13,7 @@ LAYERS = [
     {'checkpoints'},
     {'factory', 'viz', 'export', 'passl_config'},
     {'bench', 'engine', 'dense'},
-    {'tasks'},
+    {'tasks', 'bench_dense'},
     {'cli'},
 ]
 RANK = {package: level for level, packages in enumerate(LAYERS) for package in packages}

@@ -164,14 +164,8 @@ def _peak_rss_kb() -> int:
     return peak // 1024 if platform.system() == 'Darwin' else peak
 
 
-def _measure_peak_mb(name: str, impl: str, mode: str, batch_size: int, img_size: int, device: str,
-                     fast_paths: dict) -> float:
-    from .models.fastpath import CHOOSER
-    CHOOSER.load_state_dict(fast_paths)  # the paths the timed run took, not a fresh draw of them
-    torch.manual_seed(0)
-    model = build_model(name, impl, img_size, device)
-    step = make_step(model, mode, batch_size, img_size, device)
-    step()  # one-time costs (lazy imports, kernel caches, compilation, gradient buffers) are not the step's
+def step_peak_mb(step: Callable[[], None], device: str) -> float:
+    """Peak memory of one call of a warmed-up `step` above what was live before it (weights, inputs)."""
     if device.startswith('cuda'):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -189,26 +183,41 @@ def _measure_peak_mb(name: str, impl: str, mode: str, batch_size: int, img_size:
     return max(_peak_rss_kb() - base, 0) / 1024
 
 
+def _measure_peak_mb(name: str, impl: str, mode: str, batch_size: int, img_size: int, device: str,
+                     fast_paths: dict) -> float:
+    from .models.fastpath import CHOOSER
+    CHOOSER.load_state_dict(fast_paths)  # the paths the timed run took, not a fresh draw of them
+    torch.manual_seed(0)
+    model = build_model(name, impl, img_size, device)
+    step = make_step(model, mode, batch_size, img_size, device)
+    step()  # one-time costs (lazy imports, kernel caches, compilation, gradient buffers) are not the step's
+    return step_peak_mb(step, device)
+
+
 # glibc hands every block of 64 KiB or more back to the system when it is freed, so the resident set
 # follows live memory and a second step's peak is not hidden by blocks the first one left cached
 _MALLOC_ENV = {'MALLOC_MMAP_THRESHOLD_': '65536', 'MALLOC_TRIM_THRESHOLD_': '65536'}
 
 
-def peak_memory_mb(name: str, impl: str, mode: str, batch_size: int, img_size: int, device: str = 'cpu') -> float:
-    """Peak memory of one (warmed-up) step, measured in a fresh process on the fast paths chosen in this one."""
-    from .models.fastpath import CHOOSER
+def in_fresh_process(fn: Callable[..., float], *args) -> float:
+    """`fn(*args)` in a spawned process whose resident set follows live memory, so that its peak is the step's."""
     saved = {k: os.environ.get(k) for k in _MALLOC_ENV}
     os.environ.update(_MALLOC_ENV)
     try:
         with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context('spawn')) as pool:
-            return pool.submit(_measure_peak_mb, name, impl, mode, batch_size, img_size, device,
-                               CHOOSER.state_dict()).result()
+            return pool.submit(fn, *args).result()
     finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def peak_memory_mb(name: str, impl: str, mode: str, batch_size: int, img_size: int, device: str = 'cpu') -> float:
+    """Peak memory of one (warmed-up) step, measured in a fresh process on the fast paths chosen in this one."""
+    from .models.fastpath import CHOOSER
+    return in_fresh_process(_measure_peak_mb, name, impl, mode, batch_size, img_size, device, CHOOSER.state_dict())
 
 
 # --- side by side ------------------------------------------------------------------------------------
