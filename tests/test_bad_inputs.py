@@ -286,7 +286,8 @@ def test_yaml_nan_and_infinity_are_refused(tmp_path):
 def _numeric_fields():
     """(key, a valid value for it) for every field of the schema that holds ints or floats."""
     tuples = {'augment.scale': (0.5, 1.0), 'augment.ratio': (0.5, 1.0), 'optim.betas': (0.9, 0.99),
-              'data.mean': (0.5, 0.5, 0.5), 'data.std': (0.5, 0.5, 0.5), 'scenes.digit_sizes': (20, 72)}
+              'data.mean': (0.5, 0.5, 0.5), 'data.std': (0.5, 0.5, 0.5), 'scenes.digit_sizes': (20, 72),
+              'augment.crop_size': (64, 64)}
     found = []
 
     def walk(model, prefix):

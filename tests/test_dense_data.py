@@ -10,7 +10,7 @@ from pycocotools import mask as mask_utils
 from torchvision.transforms import v2
 
 from xcit.data.coco import CocoDetection
-from xcit.data.dense import BoxesFromMasks, PadToMultiple, joint_transforms
+from xcit.data.dense import PadBottomRight, joint_transforms
 from xcit.data.scenes import DigitScenes, masks_to_boxes
 from xcit.metrics.coco import CocoEvaluator, coco_ground_truth
 
@@ -107,9 +107,9 @@ def _boxes_fit_masks(target, tolerance=0.0):
 
 @pytest.mark.parametrize('name, transform, tolerance', [
     ('flip', v2.RandomHorizontalFlip(1.0), 0),
-    ('pad', PadToMultiple(32), 0),
-    ('crop', v2.Compose([v2.RandomCrop((80, 72), pad_if_needed=True), BoxesFromMasks(),
-                         v2.SanitizeBoundingBoxes(labels_getter=lambda s: s[1]['labels'])]), 0),
+    ('pad', PadBottomRight(32), 0),
+    ('crop', joint_transforms(crop=(80, 72)), 0),
+    ('crop beyond the image', joint_transforms(crop=(300, 280)), 0),
     ('resize', v2.RandomShortestSize([200, 240], max_size=400), 2.5),  # masks resize by nearest pixels
     ('all', joint_transforms(hflip=1.0, min_sizes=(160,), max_size=300, crop=(96, 96), jitter=0.2,
                              pad_divisor=32), 2.5),
@@ -124,6 +124,15 @@ def test_every_transform_keeps_each_box_on_its_mask(name, transform, tolerance):
         assert len(target['boxes']) == len(target['labels']) == len(target['masks'])
         if name in ('pad', 'all'):
             assert image.shape[-2] % 32 == 0 and image.shape[-1] % 32 == 0
+
+
+def test_padding_fills_the_semantic_map_with_the_ignore_index_and_nothing_else():
+    image, target = DigitScenes('train', length=1, seed=4, min_side=64, max_side=64, digit_sizes=(16, 40))[0]
+    padded, out = PadBottomRight(at_least=(100, 90), ignore_index=255)(image, target)
+    assert padded.shape[-2:] == (100, 90) and (padded[:, 64:] == 0).all() and (padded[:, :, 64:] == 0).all()
+    assert (out['semantic'][64:] == 255).all() and (out['semantic'][:, 64:] == 255).all()
+    assert torch.equal(out['semantic'][:64, :64], target['semantic']) and not (out['masks'][:, 64:] != 0).any()
+    assert torch.equal(out['boxes'], target['boxes'])
 
 
 def test_the_detection_task_reads_coco_and_maps_its_labels_back_to_the_category_ids(tmp_path):

@@ -56,6 +56,12 @@ def test_ground_truth_as_detections_scores_box_and_mask_ap_1(tmp_path):
     assert metrics['box_AP'] == pytest.approx(1.0) and metrics['mask_AP'] == pytest.approx(1.0)
     assert metrics['count'] == SCENES['val_length']
     assert task.summary(metrics).startswith('box AP50 1.000, mask AP50 1.000')
+    header, box, mask = task.report(metrics).splitlines()
+    assert header.split() == ['AP', 'AP50', 'AP75', 'APs', 'APm', 'APl']
+    assert box.split()[0] == 'box' and mask.split()[0] == 'mask'
+    for row in (box, mask):  # '-' for the sizes these small scenes have no object of
+        cells = row.split()[1:]
+        assert cells[:3] == ['1.000'] * 3 and set(cells[3:]) <= {'1.000', '-'} and '-' in cells
 
 
 class _SegmentationOracle(nn.Module):
@@ -85,6 +91,9 @@ def test_segmentation_scores_the_truth_1_and_ignores_the_padding(tmp_path):
     wrong = present[0]
     metrics = task.evaluate(_SegmentationOracle(list(labels), task.num_classes, wrong_class=wrong), batches)
     assert metrics[f'IoU_{task.classes[wrong]}'] == 0 and metrics['mIoU'] < 1
+    rows = dict(line.split() for line in task.report(metrics).splitlines()[1:])
+    assert list(rows) == task.classes + ['mean'] and float(rows[task.classes[wrong]]) == 0
+    assert float(rows['mean']) == pytest.approx(metrics['mIoU'], abs=5e-4)
 
 
 def test_padding_keeps_images_and_labels_aligned():
@@ -108,6 +117,9 @@ def test_a_tiny_run_trains_evaluates_and_checkpoints(tmp_path, task, name):
     done = run_cli('train', '-c', path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert ('final evaluation: box AP50 ' if task == 'detection' else 'final evaluation: mIoU ') in done.stdout
+    table = done.stdout.split('final evaluation')[0].splitlines()  # the COCO table, or IoU per class
+    assert (['AP', 'AP50', 'AP75', 'APs', 'APm', 'APl'] in [line.split() for line in table] if task == 'detection'
+            else any(line.split()[0] == 'background' for line in table if line.strip()))
     run_dir = tmp_path / 'runs' / task
     assert (run_dir / 'best.pth').is_file() and (run_dir / 'curves.png').is_file()
     checkpoint = torch.load(run_dir / 'last.pth', weights_only=True)
@@ -136,3 +148,17 @@ def test_class_weights_must_match_the_classes(tmp_path):
     path = _config(tmp_path, 'segmentation', 'semfpn_xcit_nano_12_p16', loss={'class_weight': [0.2, 1.0]})
     with pytest.raises(ConfigError, match='2 weights for 11 classes'):
         build_task(load_config(path))
+
+
+def test_sliding_window_and_resized_evaluation_run_image_by_image(tmp_path):
+    per_pixel = nn.Conv2d(3, 11, 1)  # any window or padding gives each pixel the same logits
+    scores = {}
+    for mode in ('whole', 'slide'):
+        config = load_config(_config(tmp_path, 'segmentation', 'semfpn_xcit_nano_12_p16',
+                                     inference={'mode': mode, 'crop': 48, 'stride': 32}))
+        task = build_task(config, evaluate_only=True)
+        task.setup(ENV, fresh=True)
+        scores[mode] = task.evaluate(per_pixel, task.eval_batches())
+    assert scores['slide'] == pytest.approx(scores['whole'], abs=1e-9, nan_ok=True) and scores['whole']['mIoU'] > 0
+    with pytest.raises(ValueError, match='stride 96 is above crop 64'):
+        load_config([], ['inference.stride=96', 'inference.crop=64'])

@@ -1,11 +1,14 @@
-"""Semantic FPN over our backbones: logits at the input's size for any size, mmseg's FPNHead layout, and
-cross-entropy with the ignore index fitting a digit scene."""
+"""Semantic FPN and UperNet over our backbones: logits at the input's size for any size, mmseg's FPNHead
+layout, cross-entropy with the ignore index fitting a digit scene, and whole-image and sliding-window
+inference."""
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from xcit.data.scenes import NUM_CLASSES, DigitScenes
 from xcit.dense import build_segmenter
+from xcit.dense.segmentation import sliding_window_logits, whole_image_logits
 
 
 @pytest.mark.parametrize('name', ['xcit_nano_12_p16_224', 'xcit_nano_12_p8_224', 'cvt_13_224'])
@@ -60,3 +63,47 @@ def test_upernet_returns_logits_at_any_size_and_the_auxiliary_head_in_training()
 def test_an_unknown_head_is_named():
     with pytest.raises(ValueError, match="head must be one of semfpn, upernet, not 'fcn'"):
         build_segmenter('xcit_nano_12_p16_224', num_classes=3, head='fcn')
+
+
+class _PerPixel(nn.Module):
+    """A 1x1 conv: each pixel's logits depend on that pixel alone, whatever window or padding it is seen in."""
+
+    def __init__(self, num_classes=5):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, num_classes, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+@pytest.mark.parametrize('size, crop, stride', [((97, 131), 64, 40), ((50, 70), 64, 40), ((128, 64), 64, 64)])
+def test_sliding_windows_cover_every_pixel_once_averaged(size, crop, stride):
+    model, image = _PerPixel(), torch.randn(3, *size)
+    expected = model(image[None])[0]
+    assert torch.allclose(sliding_window_logits(model, image, crop, stride), expected, atol=1e-6)
+    assert torch.allclose(whole_image_logits(model, image), expected, atol=1e-6)
+
+
+def test_sliding_windows_average_where_they_overlap():
+    calls = []
+
+    class Counter(nn.Module):
+        def forward(self, x):
+            calls.append(x.shape[-2:])
+            return torch.ones(1, 1, *x.shape[-2:]) * len(calls)  # window k answers k everywhere
+
+    logits = sliding_window_logits(Counter(), torch.zeros(3, 64, 96), crop=64, stride=32)
+    assert len(calls) == 2 and logits[0, 0, 0] == 1 and logits[0, 0, 95] == 2 and logits[0, 0, 40] == 1.5
+
+
+def test_whole_image_inference_resizes_to_the_short_side_and_back():
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(tuple(x.shape[-2:]))
+            return torch.zeros(1, 3, *x.shape[-2:])
+
+    logits = whole_image_logits(Probe(), torch.zeros(3, 100, 300), short_side=64, max_side=150)
+    assert logits.shape == (3, 100, 300) and seen == [(64, 160)]  # 50 x 150 padded to multiples of 32

@@ -87,11 +87,13 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal['imagefolder', 'labellist', 'digits', 'digit_scenes', 'coco'] = 'digits'
+    dataset: Literal['imagefolder', 'labellist', 'digits', 'digit_scenes', 'coco', 'semantic_folder'] = 'digits'
     root: str | None = Field(None, description=(
         'imagefolder: folder with the split folders; labellist: image root; coco: folder with the split '
-        'image folders and annotations/instances_<split>.json'))
-    train_split: str = Field('train', description='imagefolder, coco: sub-folder (coco: e.g. train2017); labellist: label file')
+        'image folders and annotations/instances_<split>.json; semantic_folder: see semantic_layout'))
+    train_split: str = Field('train', description=(
+        'imagefolder, coco: sub-folder (coco: e.g. train2017); labellist: label file; semantic_folder: the '
+        "split's folder (ade20k: training) or list (voc)"))
     val_split: str = Field('val', description='imagefolder: sub-folder; labellist: label file')
     image_size: int | None = Field(None, ge=8, le=4096, description=(
         "default: the model's pretrained input size; at most 4096, and one batch of float32 images "
@@ -107,6 +109,12 @@ class DataConfig(_Section):
     std: tuple[float, float, float] | None = Field(None, description='each above 0')
     digits_size: int = Field(32, ge=8, le=512, description=(
         'digits: side the 8x8 images are upsampled to; all 1,797 are kept in memory, 1.4 GB at 512'))
+    semantic_layout: Literal['ade20k', 'voc'] = Field('ade20k', description=(
+        'semantic_folder: ade20k: <root>/images/<split> with <root>/annotations/<split>; voc: <root>/JPEGImages '
+        'with <root>/SegmentationClass, the stems in <root>/ImageSets/Segmentation/<split>.txt; label maps are '
+        'PNGs of class indices (255: ignored), model.num_classes says how many'))
+    reduce_zero_label: bool = Field(False, description=(
+        'semantic_folder: label 0 is ignored and the others drop by one (ADE20K, whose 0 is unlabelled)'))
 
     @field_validator('std')
     @classmethod
@@ -144,6 +152,24 @@ class AugmentConfig(_Section):
     mixup_mode: Literal['batch', 'pair', 'elem'] = 'batch'
     smoothing: float = Field(0.1, ge=0, lt=1)
     repeated_aug: int = Field(1, ge=1, le=64, description='repeats of each image per epoch (DeiT/official recipe: 3)')
+    short_sides: list[int] = Field(default_factory=list, description=(
+        'dense tasks: resize keeping the ratio, the short side drawn from these (and the long side at most max_side)'))
+    max_side: int | None = Field(None, ge=8, le=16384)
+    crop_size: tuple[int, int] | None = Field(None, description='dense tasks: random (height, width) crop, padded when larger')
+
+    @field_validator('short_sides')
+    @classmethod
+    def _sides_in_range(cls, value):
+        if any(not 8 <= side <= 16384 for side in value):
+            raise ValueError('each short side must be in [8, 16384]')
+        return value
+
+    @field_validator('crop_size')
+    @classmethod
+    def _crop_in_range(cls, value):
+        if value is not None and not all(8 <= side <= 16384 for side in value):
+            raise ValueError('expected (height, width), each in [8, 16384]')
+        return value
 
     @field_validator('scale', 'ratio')
     @classmethod
@@ -162,9 +188,12 @@ class OptimConfig(_Section):
     weight_decay: float = Field(0.05, ge=0)
     betas: tuple[float, float] = Field((0.9, 0.999), description='each in [0, 1)')
     eps: float = Field(1e-8, gt=0)
-    no_decay: Literal['official', 'passl'] = Field(
-        'official', description='official: 1-D params, biases, cls token; passl: names containing no_decay_names')
+    no_decay: Literal['official', 'passl', 'layernorm'] = Field(
+        'official', description='official: 1-D params, biases, cls token; passl: names containing no_decay_names; '
+                                'layernorm: LayerNorm weights and biases only (the official dense recipes)')
     no_decay_names: list[str] = Field(default_factory=lambda: ['temperature', 'pos_embed', 'cls_token', 'dist_token'])
+    layer_decay: float | None = Field(None, gt=0, le=1, description='layer-wise lr decay: block i of n gets '
+                                      'lr * layer_decay ** (n - i); the stem its lowest, the heads the full lr')
     clip_grad: float | None = Field(None, gt=0, description='max gradient norm')
     accum_steps: int = Field(1, ge=1)
 
@@ -177,10 +206,29 @@ class OptimConfig(_Section):
 
 
 class ScheduleConfig(_Section):
+    """Linear warmup, then one of the decays the published recipes use, stepped per optimizer step."""
     epochs: int = Field(300, ge=1)
+    decay: Literal['cosine', 'step', 'poly'] = Field(
+        'cosine', description='cosine to min_lr (classification); step: x gamma at each of milestones (Mask '
+                              'R-CNN); poly: (1 - progress) ** power down to min_lr (mmseg)')
+    milestones: list[float] = Field(default_factory=list, description='step: epochs at which the lr is multiplied by gamma')
+    gamma: float = Field(0.1, gt=0, le=1)
+    power: float = Field(1.0, gt=0)
     warmup_epochs: float = Field(5, ge=0)
+    warmup_steps: int | None = Field(None, ge=0, description='warmup in optimizer steps instead of warmup_epochs')
     warmup_lr: float = Field(1e-6, ge=0)
     min_lr: float = Field(1e-5, ge=0)
+
+    @model_validator(mode='after')
+    def _milestones_fit(self):
+        if self.decay == 'step' and not self.milestones:
+            raise ValueError('decay: step needs milestones (epochs)')
+        if self.decay != 'step' and self.milestones:
+            raise ValueError(f'milestones are for decay: step, not {self.decay}')
+        if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])) or any(
+                not 0 < m <= self.epochs for m in self.milestones):
+            raise ValueError(f'milestones {self.milestones} must increase within (0, epochs={self.epochs}]')
+        return self
 
 
 class TrainConfig(_Section):
@@ -231,6 +279,22 @@ class LossConfig(_Section):
         return value
 
 
+class InferenceConfig(_Section):
+    """How segmentation evaluates an image: one pass over the whole of it (resized when `short_side` is set,
+    ADE20K's recipe: 512, at most 2048), or `crop`-sized windows `stride` apart, averaged."""
+    mode: Literal['whole', 'slide'] = 'whole'
+    short_side: int | None = Field(None, ge=8, le=8192, description='whole: resize keeping the ratio to this short side')
+    max_side: int | None = Field(None, ge=8, le=16384, description='whole: ... and at most this long side')
+    crop: int = Field(512, ge=32, le=8192, description='slide: window side')
+    stride: int = Field(341, ge=1, le=8192, description='slide: step between windows')
+
+    @model_validator(mode='after')
+    def _windows_overlap(self):
+        if self.stride > self.crop:
+            raise ValueError(f'stride {self.stride} is above crop {self.crop}: pixels between windows would get no label')
+        return self
+
+
 class DistillConfig(_Section):
     type: Literal['none', 'hard', 'soft', 'dml'] = 'none'
     teacher: str = Field('regnety_160', description='a registered model, else a timm model name')
@@ -255,6 +319,7 @@ class Config(_Section):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     scenes: ScenesConfig = Field(default_factory=ScenesConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
 
     @field_validator('experiment')
     @classmethod

@@ -46,6 +46,8 @@ def run_train(args: argparse.Namespace) -> int:
     if result.run_dir is not None:
         print(f'run folder: {result.run_dir}')
     if result.metrics:
+        if result.report:
+            print(result.report)
         print(f'final evaluation: {result.summary}')
     return 0
 

@@ -19,7 +19,7 @@ from . import EpochLoader
 from .samplers import ShardSampler, TrainSampler
 from .scenes import CLASSES, DigitScenes
 
-DENSE_DATASETS = ('digit_scenes', 'coco')
+DENSE_DATASETS = ('digit_scenes', 'coco', 'semantic_folder')
 
 
 class DenseBatch(NamedTuple):
@@ -52,20 +52,21 @@ def pad_and_stack(images: list[torch.Tensor], maps: list[torch.Tensor] | None, m
     return batch, labels
 
 
-class PadToMultiple(torch.nn.Module):
-    """Pad at the bottom and right to sides divisible by `divisor`: images with 0, masks with `fill_mask`;
-    boxes do not move."""
+class PadBottomRight(torch.nn.Module):
+    """Pad at the bottom and right to sides divisible by `divisor` and at least `at_least` (height, width):
+    images and instance masks with 0, the semantic map with `ignore_index`; boxes do not move."""
 
-    def __init__(self, divisor: int = 32, fill_mask: int = 0):
+    def __init__(self, divisor: int = 1, at_least: tuple[int, int] = (0, 0), ignore_index: int = 255):
         super().__init__()
-        self.divisor, self.fill_mask = divisor, fill_mask
+        self.divisor, self.at_least, self.ignore_index = divisor, at_least, ignore_index
 
     def forward(self, image, target):
         from torchvision.transforms.v2 import functional as TF
         H, W = image.shape[-2:]
-        padding = [0, 0, -W % self.divisor, -H % self.divisor]  # left, top, right, bottom
+        H2, W2 = (-(-max(side, least) // self.divisor) * self.divisor for side, least in zip((H, W), self.at_least))
+        padding = [0, 0, W2 - W, H2 - H]  # left, top, right, bottom
         image = TF.pad(image, padding, fill=0)
-        target = {k: TF.pad(v, padding, fill=self.fill_mask if isinstance(v, tv_tensors.Mask) else 0)
+        target = {k: TF.pad(v, padding, fill=self.ignore_index if k == 'semantic' else 0)
                   if isinstance(v, (tv_tensors.Mask, tv_tensors.BoundingBoxes)) else v for k, v in target.items()}
         return image, target
 
@@ -83,13 +84,25 @@ class BoxesFromMasks(torch.nn.Module):
         return image, target
 
 
+class WithInstances(torch.nn.Module):
+    """`transform` on samples that have instances (`boxes`); a semantic map alone passes as it is."""
+
+    def __init__(self, transform):
+        super().__init__()
+        self.transform = transform
+
+    def forward(self, image, target):
+        return self.transform(image, target) if 'boxes' in target else (image, target)
+
+
 def joint_transforms(hflip: float = 0.0, min_sizes: tuple[int, ...] = (), max_size: int | None = None,
                      crop: tuple[int, int] | None = None, jitter: float | None = None, pad_divisor: int | None = None,
                      ignore_index: int = 255):
     """Image, boxes and masks together (torchvision.transforms.v2): flip; resize keeping the ratio, the short
     side one of `min_sizes` and the long side at most `max_size`; a random crop, dropping the instances it
-    cuts away and fitting the boxes to what remains; photometric jitter; padding to a multiple of
-    `pad_divisor` (the semantic map with `ignore_index`)."""
+    cuts away and fitting the boxes to what remains (an image smaller than the crop is padded first);
+    photometric jitter; padding to a multiple of `pad_divisor`. Padding fills the semantic map with
+    `ignore_index`, the rest with 0."""
     from torchvision.transforms import v2
     steps: list = []
     if hflip > 0:
@@ -98,27 +111,43 @@ def joint_transforms(hflip: float = 0.0, min_sizes: tuple[int, ...] = (), max_si
         steps.append(v2.RandomShortestSize(list(min_sizes), max_size=max_size))
     if crop:
         labels = lambda sample: tuple(sample[1][k] for k in ('labels', 'iscrowd') if k in sample[1])  # noqa: E731
-        steps += [v2.RandomCrop(crop, pad_if_needed=True), BoxesFromMasks(), v2.SanitizeBoundingBoxes(labels_getter=labels)]
+        steps += [PadBottomRight(at_least=crop, ignore_index=ignore_index), v2.RandomCrop(crop),
+                  WithInstances(v2.Compose([BoxesFromMasks(), v2.SanitizeBoundingBoxes(labels_getter=labels)]))]
     if jitter:
         steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
     if pad_divisor:
-        steps.append(PadToMultiple(pad_divisor, ignore_index))
+        steps.append(PadBottomRight(pad_divisor, ignore_index=ignore_index))
     return v2.Compose(steps) if steps else None
 
 
 def train_transforms(config: Config):
-    """The joint training transforms of a config: a horizontal flip (`augment.hflip`) and photometric jitter
-    (`augment.color_jitter`), or None when both are off."""
-    return joint_transforms(hflip=config.augment.hflip, jitter=config.augment.color_jitter)
+    """The joint training transforms of a config: a horizontal flip (`augment.hflip`), a ratio-keeping resize
+    (`augment.short_sides`, `augment.max_side`), a random crop (`augment.crop_size`) and photometric jitter
+    (`augment.color_jitter`), or None when all are off."""
+    a = config.augment
+    return joint_transforms(hflip=a.hflip, min_sizes=tuple(a.short_sides), max_size=a.max_side,
+                            crop=a.crop_size, jitter=a.color_jitter)
 
 
 def build_dense_source(config: Config, split: str, transforms=None):
-    """The split's dataset: `digit_scenes`, or COCO's layout (root/<split>/ images and
-    root/annotations/instances_<split>.json)."""
+    """The split's dataset: `digit_scenes`, COCO's layout (root/<split>/ images and
+    root/annotations/instances_<split>.json), or label maps in ADE20K's or VOC's layout
+    (`semantic_folder`, `data.semantic_layout`; segmentation only, `model.num_classes` classes)."""
     data = config.data
     if data.dataset not in DENSE_DATASETS:
         raise ConfigError(f"task {config.task}: data.dataset must be one of {', '.join(DENSE_DATASETS)}, "
                           f'not {data.dataset!r}')
+    if data.dataset == 'semantic_folder':
+        from .semantic import semantic_split
+        if config.task != 'segmentation':
+            raise ConfigError(f'task {config.task}: data.dataset semantic_folder holds label maps, for task '
+                              'segmentation only')
+        if config.model.num_classes is None:
+            raise ConfigError('data.dataset semantic_folder: set model.num_classes, the classes its label maps '
+                              'hold (e.g. 150 for ADE20K with reduce_zero_label, 21 for VOC)')
+        return semantic_split(data.root, data.train_split if split == 'train' else data.val_split,
+                              data.semantic_layout, transforms=transforms, reduce_zero_label=data.reduce_zero_label,
+                              num_classes=config.model.num_classes)
     if data.dataset == 'coco':
         from pathlib import Path
 
@@ -149,6 +178,6 @@ def build_dense_loaders(config: Config, train_set, val_set, rank: int = 0, world
     return EpochLoader(train, sampler), val
 
 
-__all__ = ['CLASSES', 'DENSE_DATASETS', 'BoxesFromMasks', 'DenseBatch', 'PadToMultiple',
+__all__ = ['CLASSES', 'DENSE_DATASETS', 'BoxesFromMasks', 'DenseBatch', 'PadBottomRight',
            'build_dense_loaders', 'build_dense_source', 'dense_collate', 'joint_transforms', 'pad_and_stack',
            'train_transforms']

@@ -116,6 +116,54 @@ class UperNet(nn.Module):
 SEGMENTERS = dict(semfpn=SemanticFPN, upernet=UperNet)
 
 
+def _padded(x: torch.Tensor, divisor: int) -> torch.Tensor:
+    H, W = x.shape[-2:]
+    return F.pad(x, (0, -W % divisor, 0, -H % divisor))
+
+
+@torch.no_grad()
+def whole_image_logits(model: nn.Module, image: torch.Tensor, short_side: int | None = None,
+                       max_side: int | None = None, divisor: int = 32) -> torch.Tensor:
+    """(3, H, W) normalised image -> (K, H, W) logits from one pass over the whole image (mmseg's 'whole'
+    mode): resized keeping its ratio to `short_side` (the long side at most `max_side`) when given, padded
+    to a multiple of `divisor`, and the logits of the image's own area resized back to H x W."""
+    H, W = image.shape[-2:]
+    x = image[None]
+    if short_side:
+        scale = short_side / min(H, W)
+        if max_side:
+            scale = min(scale, max_side / max(H, W))
+        x = _resize(x, (max(round(H * scale), 1), max(round(W * scale), 1)))
+    h, w = x.shape[-2:]
+    logits = model(_padded(x, divisor))[..., :h, :w]  # (1, K, h, w)
+    return _resize(logits, (H, W))[0] if (h, w) != (H, W) else logits[0]
+
+
+@torch.no_grad()
+def sliding_window_logits(model: nn.Module, image: torch.Tensor, crop: int = 512, stride: int = 341,
+                          divisor: int = 32) -> torch.Tensor:
+    """(3, H, W) normalised image -> (K, H, W) logits averaged over `crop` x `crop` windows `stride` apart
+    (mmseg's 'slide' mode), the last row and column of windows flush with the far edges; an image smaller
+    than a window is one window. Memory stays that of one window at any image size."""
+    H, W = image.shape[-2:]
+    rows = range(0, max(H - crop, 0) + 1, stride)
+    cols = range(0, max(W - crop, 0) + 1, stride)
+    tops = sorted({*rows, max(H - crop, 0)})
+    lefts = sorted({*cols, max(W - crop, 0)})
+    total = counts = None
+    for top in tops:
+        for left in lefts:
+            window = image[None, :, top:top + crop, left:left + crop]
+            h, w = window.shape[-2:]
+            logits = model(_padded(window, divisor))[0, :, :h, :w]  # (K, h, w)
+            if total is None:
+                total = logits.new_zeros(logits.shape[0], H, W)
+                counts = logits.new_zeros(1, H, W)
+            total[:, top:top + h, left:left + w] += logits
+            counts[:, top:top + h, left:left + w] += 1
+    return total / counts
+
+
 def build_segmenter(backbone: str | nn.Module, num_classes: int, head: str = 'semfpn', **kwargs) -> nn.Module:
     """Semantic FPN (`head='semfpn'`) or UperNet (`'upernet'`) over `backbone`: a registered name, built with
     `features_only=True`, or such a module. Other keywords go to the head (e.g. `channels`)."""

@@ -45,6 +45,7 @@ class FitResult:
     metrics: dict = field(default_factory=dict)  # the last evaluation, with `skipped` unreadable samples
     history: list[dict] = field(default_factory=list)  # one row per epoch, as in metrics.jsonl
     summary: str = ''  # the task's one line on `metrics`, for people
+    report: str = ''  # the task's table on `metrics`, for people (may be empty)
 
 
 def autocast(amp: str, device: torch.device):
@@ -110,7 +111,7 @@ def evaluate_task(task: Task, env: DistEnv, seed: int, amp: str = 'none') -> Fit
     with rng_scope(seed):
         task.setup(env, fresh=True)
     metrics = evaluate(task, task.model, env, amp)[0]
-    return FitResult(task.model, None, metrics, summary=task.summary(metrics))
+    return FitResult(task.model, None, metrics, summary=task.summary(metrics), report=task.report(metrics))
 
 
 def fit(task: Task, env: DistEnv, train: TrainConfig, optim: OptimConfig, schedule: ScheduleConfig, seed: int,
@@ -208,7 +209,8 @@ class _Trainer:
         if self.log is not None:
             plot_curves(history, self.run_dir / 'curves.png', self.task.best_metric)
             self.log.close()
-        return FitResult(self.model, self.run_dir, metrics, history, summary=self.task.summary(metrics))
+        return FitResult(self.model, self.run_dir, metrics, history, summary=self.task.summary(metrics),
+                         report=self.task.report(metrics))
 
     def train_epoch(self) -> tuple[dict, set[str]]:
         """One epoch (its remainder, when resumed mid-epoch): its log row and the unreadable samples met."""

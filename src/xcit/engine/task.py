@@ -66,6 +66,10 @@ class Task:
         """One line for people on an evaluation's `metrics` (what `xcit train` and `xcit eval` end with)."""
         return ', '.join(f'{k} {v:.4g}' if isinstance(v, float) else f'{k} {v}' for k, v in metrics.items())
 
+    def report(self, metrics: dict) -> str:
+        """A table for people on `metrics` (the COCO table, per-class IoU), printed above the summary; or ''."""
+        return ''
+
     def describe(self) -> str:
         """One line for the log: what is trained on what."""
         return type(self).__name__

@@ -66,6 +66,15 @@ class DetectionTask(DenseTask):
             metrics |= {f'mask_{name}': scores['segm'][name] for name in STATS}
         return metrics | dict(count=int(count.item()))
 
+    def report(self, metrics: dict) -> str:
+        """COCOeval's six headline figures per kind, as one table (APl is '-' when no object is large)."""
+        kinds = [k for k in ('box', 'mask') if f'{k}_AP' in metrics]
+        rows = [f"{'':6}" + ''.join(f'{name:>8}' for name in STATS)]
+        for kind in kinds:
+            cells = (metrics[f'{kind}_{name}'] for name in STATS)
+            rows.append(f'{kind:6}' + ''.join(f'{v:8.3f}' if v == v else f"{'-':>8}" for v in cells))
+        return '\n'.join(rows)
+
     def summary(self, metrics: dict) -> str:
         line = f"box AP50 {metrics['box_AP50']:.3f}"
         if 'mask_AP50' in metrics:

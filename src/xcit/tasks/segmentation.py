@@ -2,7 +2,8 @@
 
 Batches of different sizes are padded (image 0 after normalising, label `ignore_index`), never
 resized. Evaluation accumulates one confusion matrix over the whole validation set, summed
-over ranks, whole-image inference; mIoU picks `best.pth`.
+over ranks, from whole-image inference (the batch as it is, or each image resized to
+`inference.short_side`) or sliding windows (`inference.mode: slide`); mIoU picks `best.pth`.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 from ..config import Config, ConfigError
 from ..data.dense import pad_and_stack
+from ..dense.segmentation import sliding_window_logits, whole_image_logits
 from ..engine.distributed import DistEnv
 from ..metrics.segmentation import ConfusionMatrix
 from .dense import DenseTask
@@ -52,13 +54,37 @@ class SegmentationTask(DenseTask):
 
     def evaluate(self, model: nn.Module, batches) -> dict[str, float]:
         confusion = ConfusionMatrix(self.num_classes, ignore_index=IGNORE_INDEX, device=self.env.device)
+        inference = self.config.inference
         for batch in batches:
-            images, labels = self._stack(batch)
-            confusion.update(model(images).argmax(1), labels)  # padding is ignored through its labels
+            if inference.mode == 'whole' and not inference.short_side:  # the batch at once, padded
+                images, labels = self._stack(batch)
+                confusion.update(model(images).argmax(1), labels)  # padding is ignored through its labels
+                continue
+            for image, target in zip(batch.images, batch.targets):  # one at a time, each at its own size
+                logits = self._image_logits(model, image.to(self.env.device))  # (K, H, W)
+                confusion.update(logits.argmax(0)[None], target['semantic'].to(self.env.device)[None])
         scores = confusion.reduce().compute()
         metrics = dict(mIoU=scores['mIoU'], pixel_accuracy=scores['pixel_accuracy'],
                        mean_accuracy=scores['mean_accuracy'])
         return metrics | {f'IoU_{name}': iou for name, iou in zip(self.classes, scores['iou'])}
+
+    def _image_logits(self, model: nn.Module, image: torch.Tensor) -> torch.Tensor:
+        mean = torch.as_tensor(self.mean, dtype=image.dtype, device=image.device)[:, None, None]
+        std = torch.as_tensor(self.std, dtype=image.dtype, device=image.device)[:, None, None]
+        x, inference = (image - mean) / std, self.config.inference
+        if inference.mode == 'slide':
+            return sliding_window_logits(model, x, inference.crop, inference.stride)
+        return whole_image_logits(model, x, inference.short_side, inference.max_side)
+
+    def report(self, metrics: dict) -> str:
+        """IoU per class ('-' for a class absent from both the truth and the predictions), then the means."""
+        width = max(len('class'), *(len(name) for name in self.classes))
+        rows = [f"{'class':{width}}     IoU"]
+        for name in self.classes:
+            iou = metrics[f'IoU_{name}']
+            rows.append(f'{name:{width}}  ' + (f'{iou:6.3f}' if iou == iou else f"{'-':>6}"))
+        rows.append(f"{'mean':{width}}  {metrics['mIoU']:6.3f}")
+        return '\n'.join(rows)
 
     def summary(self, metrics: dict) -> str:
         return f"mIoU {metrics['mIoU']:.3f} (pixel accuracy {metrics['pixel_accuracy']:.3f})"
