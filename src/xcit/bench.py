@@ -314,6 +314,21 @@ def resolution_sweep(models: Sequence[tuple[str, str]], resolutions: Sequence[in
     return results
 
 
+def plot_growth(ax, series: dict[str, list], x_key: str, key: str, quadratic: bool = False) -> None:
+    """One line per series of `key` against `x_key`, with linear growth (and quadratic, dashed) drawn from its
+    first point: what the sweeps' log-log panels share."""
+    for i, (name, points) in enumerate(series.items()):
+        points = [p for p in points if getattr(p, key)]
+        if not points:
+            continue
+        xs, values, color = [getattr(p, x_key) for p in points], [getattr(p, key) for p in points], f'C{i}'
+        ax.plot(xs, values, marker='o', color=color, label=name)
+        ends = [xs[0], xs[-1]]
+        ax.plot(ends, [values[0], values[0] * ends[1] / ends[0]], ':', color=color, alpha=0.6)
+        if quadratic:
+            ax.plot(ends, [values[0], values[0] * (ends[1] / ends[0]) ** 2], '--', color=color, alpha=0.35)
+
+
 def plot_sweep(results: Sequence[Result], path) -> None:
     """Time and memory against tokens, log-log, with linear and quadratic slopes drawn through each first point."""
     import matplotlib
@@ -326,18 +341,7 @@ def plot_sweep(results: Sequence[Result], path) -> None:
     for r in results:
         series.setdefault(f'{r.model} ({r.impl})', []).append(r)
     for ax, key, label in ((axes[0], 'step_time_ms', 'time per batch (ms)'), (axes[1], 'peak_mb', 'peak memory (MB)')):
-        for i, (name, points) in enumerate(series.items()):
-            points = [p for p in points if getattr(p, key)]
-            if not points:
-                continue
-            tokens = [p.tokens for p in points]
-            values = [getattr(p, key) for p in points]
-            color = f'C{i}'
-            ax.plot(tokens, values, marker='o', color=color, label=name)
-            n0, v0 = tokens[0], values[0]
-            ends = [n0, tokens[-1]]
-            ax.plot(ends, [v0, v0 * ends[1] / n0], ':', color=color, alpha=0.6)
-            ax.plot(ends, [v0, v0 * (ends[1] / n0) ** 2], '--', color=color, alpha=0.35)
+        plot_growth(ax, series, 'tokens', key, quadratic=True)
         ax.set(xscale='log', yscale='log', xlabel='tokens (image side in pixels)', ylabel=label)
         sizes = sorted({(r.tokens, r.img_size) for r in results})
         ax.set_xticks([n for n, _ in sizes], [f'{n}\n({side})' for n, side in sizes])

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .bench import _timed, in_fresh_process, step_peak_mb
+from .bench import _timed, in_fresh_process, plot_growth, step_peak_mb
 
 BASELINES = ('resnet50', 'swin_t')  # torchvision's, with their FPNs
 DEFAULT_MODELS = ('xcit_small_12_p16', 'resnet50', 'swin_t')
@@ -180,16 +180,7 @@ def plot_dense(results: Sequence[DenseResult], path) -> None:
                            (axes[1], 'peak_mb', 'peak memory (MB)')):
         if not any(getattr(r, key) for r in results):
             ax.text(0.5, 0.5, 'not measured', ha='center', va='center', transform=ax.transAxes)
-        for i, (name, points) in enumerate(series.items()):
-            points = [p for p in points if getattr(p, key)]
-            if not points:
-                continue
-            pixels = [p.pixels for p in points]
-            values = [getattr(p, key) for p in points]
-            color = f'C{i}'
-            ax.plot(pixels, values, marker='o', color=color, label=name)
-            ax.plot([pixels[0], pixels[-1]], [values[0], values[0] * pixels[-1] / pixels[0]], ':', color=color,
-                    alpha=0.6)
+        plot_growth(ax, series, 'pixels', key)
         ax.set(xscale='log', yscale='log', xlabel='pixels (side of the padded image, squared)', ylabel=label)
         sizes = sorted({(r.pixels, r.input_size) for r in results})
         ax.set_xticks([n for n, _ in sizes], [f'{side}\u00b2' for _, side in sizes])
