@@ -6,6 +6,19 @@ from pathlib import Path
 import pytest
 import torch
 
+
+def _share_the_cores_between_workers() -> None:
+    """Under pytest-xdist (`make test` runs a worker per core) each worker, and each process it starts, gets its
+    share of the cores: two workers of two threads each would fight over two cores."""
+    workers = int(os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1'))
+    if workers > 1:
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ['OMP_NUM_THREADS'] = str(threads)
+        torch.set_num_threads(threads)
+
+
+_share_the_cores_between_workers()
+
 # golden files written by the reference implementations; a user's clone has none
 FIXTURES = Path(os.environ.get('XCIT_FIXTURES', Path(__file__).resolve().parents[2] / 'shared' / 'fixtures'))
 
@@ -56,6 +69,14 @@ def run_cli(*args, timeout: int = 300) -> subprocess.CompletedProcess:
     """`xcit ARGS...` in a fresh interpreter, as a user runs it."""
     return subprocess.run([sys.executable, '-m', 'xcit.cli.main', *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
+
+
+def cli(capsys, *argv) -> tuple[int, list[str], list[str]]:
+    """`xcit ARGV...` in-process (no interpreter start-up): (exit code, stdout lines, stderr lines)."""
+    from xcit.cli.main import main
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out.strip().splitlines(), err.strip().splitlines()
 
 
 def tiny_run_config(tmp_path: Path, **overrides) -> Path:

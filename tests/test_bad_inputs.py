@@ -17,10 +17,9 @@ import yaml
 from PIL import Image
 
 import xcit
-from conftest import Payload, perturb_
+from conftest import Payload, cli, perturb_
 from xcit.checkpoints import CheckpointError, WriteError, read_checkpoint
 from xcit.checkpoints.paddle import write_paddle_pickle
-from xcit.cli.main import main
 from xcit.config import Config, ConfigError, load_config
 
 NAME = 'xcit_nano_12_p16_224'
@@ -37,13 +36,6 @@ def weights(tmp_path, model) -> Path:
     path = tmp_path / 'weights.pth'
     torch.save({'model': model.state_dict()}, path)
     return path
-
-
-def cli(capsys, *argv) -> tuple[int, list[str], list[str]]:
-    """`xcit ARGV...` in-process: (exit code, stdout lines, stderr lines)."""
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out.strip().splitlines(), err.strip().splitlines()
 
 
 def assert_one_error(code, err, *needles):

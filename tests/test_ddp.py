@@ -41,12 +41,13 @@ def test_two_ranks_match_each_other_and_one_process(tmp_path):
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key  # DDP keeps replicas bit-identical
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         from xcit.tasks import run
         single = run(load_config(config, _EXACT + ['data.batch_size=32', 'experiment=single']))
     finally:
-        torch.set_num_threads(2)
+        torch.set_num_threads(threads)
     reference = single.model.state_dict()
     worst = max((rank0[k].float() - reference[k].float()).abs().max().item() for k in reference
                 if reference[k].is_floating_point())

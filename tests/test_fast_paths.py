@@ -387,7 +387,7 @@ def test_fast_paths_stay_finite_in_bf16():
 @pytest.mark.slow
 def test_optimize_for_inference_compiles_without_graph_breaks_and_matches():
     torch.manual_seed(0)
-    model = perturb_(xcit.create_model('xcit_nano_12_p16_224')).eval()
+    model = perturb_(xcit.create_model('xcit_nano_12_p16_224', depth=2)).eval()  # every kind of block, fewer of each
     x = torch.randn(2, 3, 96, 80)
     with torch.no_grad():
         reference = model(x)
@@ -404,9 +404,9 @@ def test_optimize_for_inference_compiles_without_graph_breaks_and_matches():
 def test_compiled_training_survives_new_shapes():
     """A second resolution and batch size: where dynamic-shape inductor fails on XCiT's channels_last views."""
     torch.manual_seed(0)
-    model = xcit.create_model('xcit_nano_12_p8_224', depth=2, num_classes=4)
+    model = xcit.create_model('xcit_nano_12_p8_224', depth=1, num_classes=4)
     compiled = xcit.models.compile_static(model)
-    for batch, height, width in ((2, 48, 48), (3, 64, 40), (2, 40, 56)):
+    for batch, height, width in ((2, 48, 48), (3, 64, 40)):
         x = torch.randn(batch, 3, height, width)
         compiled(x).square().sum().backward()
         grads = [p.grad.clone() for p in model.parameters()]

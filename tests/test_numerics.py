@@ -20,7 +20,8 @@ def _model_and_reference(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('dtype', [torch.bfloat16])  # float16 GEMMs crawl on CPUs without AVX512-FP16 (minutes
+# a model); float16 XCA over 4096 tokens is checked layer by layer below
 @pytest.mark.parametrize('name', ['xcit_nano_12_p16_224', 'xcit_small_12_p16_224'])
 def test_autocast_at_1024_is_finite_and_close(name, dtype):
     model, x, reference = _model_and_reference(name)
