@@ -468,3 +468,14 @@ def test_stem_folds_batchnorm_only_in_inference_on_its_fast_path():
     xcit.models.fold_batchnorm(model)  # folded for good: the fast path runs the plain convs
     with torch.no_grad():
         assert (stem(x)[0] - modules).abs().max() < 1e-5
+
+
+def test_timing_a_new_shape_between_a_forward_and_its_backward_leaves_that_backward_intact():
+    """DINO's multi-crop: a second crop size goes forward (and its paths are timed, BatchNorm statistics put back)
+    before the first size's backward."""
+    torch.manual_seed(0)
+    model = set_fast_path(xcit.create_model('xcit_nano_12_p8_224', depth=1, num_classes=0), 'auto').train()
+    first = model(torch.randn(3, 3, 40, 40))
+    second = model(torch.randn(3, 3, 24, 24))  # a key no other test times: its probe runs here
+    (first.sum() + second.sum()).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -258,9 +258,11 @@ class FastPathModule:
         try:
             return pick(self.impl, key, candidates)
         finally:
-            with torch.no_grad():
-                for name, b in self.named_buffers():
-                    b.copy_(saved[name])
+            # through .data: BatchNorm's own updates of its statistics leave their version counters alone, and a
+            # tracked copy here would fail the backward of any earlier forward still waiting for it (DINO's
+            # multi-crop runs a second size before the first one's backward)
+            for name, b in self.named_buffers():
+                b.data.copy_(saved[name])
 
 
 def set_fast_path(model: nn.Module, path: str) -> nn.Module:
