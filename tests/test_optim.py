@@ -106,3 +106,32 @@ def test_linear_lr_scaling():
     assert peak_lr(fixed.optim, global_batch=4096) == 5e-4
     schedule = build_schedule(load_config([], ['schedule.epochs=10', 'schedule.warmup_epochs=0.5']).schedule, 1.0, 20)
     assert (schedule.total_steps, schedule.warmup_steps) == (200, 10)
+
+
+def test_dino_rule_decays_the_class_token_and_temperatures(model):
+    exempt = _exempt(model, 'dino')
+    assert 'cls_token' not in exempt and not any(n.endswith('temperature') for n in exempt)
+    assert {n for n, p in model.named_parameters() if p.ndim <= 1} <= exempt
+
+
+def test_weight_decay_follows_a_cosine_in_the_decayed_groups_only(model):
+    config = load_config([], ['optim.weight_decay=0.04', 'optim.weight_decay_end=0.4', 'schedule.epochs=10',
+                              'schedule.warmup_epochs=2'])
+    schedule = build_schedule(config.schedule, 1e-3, 10, config.optim)
+    optimizer = torch.optim.AdamW(decay_groups(model, 0.04, 'dino'))
+    for step, expected in ((0, 0.04), (50, 0.22), (100, 0.4)):
+        schedule.apply(optimizer, step)
+        decayed, plain = optimizer.param_groups
+        assert decayed['weight_decay'] == pytest.approx(expected) and plain['weight_decay'] == 0.0
+
+
+def test_per_parameter_clipping_caps_each_gradient_on_its_own():
+    from xcit.engine.loop import clip_gradients
+    layer = torch.nn.Linear(3, 2)
+    layer.weight.grad, layer.bias.grad = torch.full((2, 3), 10.0), torch.tensor([0.3, 0.4])
+    clip_gradients(layer, 1.0, 'per_parameter')
+    assert layer.weight.grad.norm().item() == pytest.approx(1.0, rel=1e-5)
+    assert torch.equal(layer.bias.grad, torch.tensor([0.3, 0.4]))  # norm 0.5: left alone
+    layer.weight.grad, layer.bias.grad = torch.full((2, 3), 10.0), torch.tensor([0.3, 0.4])
+    clip_gradients(layer, 1.0, 'norm')
+    assert torch.cat([layer.weight.grad.flatten(), layer.bias.grad]).norm().item() == pytest.approx(1.0, rel=1e-5)

@@ -87,7 +87,8 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal['imagefolder', 'labellist', 'digits', 'digit_scenes', 'coco', 'semantic_folder'] = 'digits'
+    dataset: Literal['imagefolder', 'labellist', 'digits', 'digit_views', 'digit_scenes', 'coco',
+                     'semantic_folder'] = 'digits'
     root: str | None = Field(None, description=(
         'imagefolder: folder with the split folders; labellist: image root; coco: folder with the split '
         'image folders and annotations/instances_<split>.json; semantic_folder: see semantic_layout'))
@@ -108,7 +109,10 @@ class DataConfig(_Section):
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = Field(None, description='each above 0')
     digits_size: int = Field(32, ge=8, le=512, description=(
-        'digits: side the 8x8 images are upsampled to; all 1,797 are kept in memory, 1.4 GB at 512'))
+        'digits: side the 8x8 images are upsampled to; all 1,797 are kept in memory, 1.4 GB at 512; '
+        'digit_views: side of the canvas'))
+    views_per_digit: int = Field(1, ge=1, le=1000, description=(
+        'digit_views: how many different views of each training digit an epoch holds (val: one each)'))
     semantic_layout: Literal['ade20k', 'voc'] = Field('ade20k', description=(
         'semantic_folder: ade20k: <root>/images/<split> with <root>/annotations/<split>; voc: <root>/JPEGImages '
         'with <root>/SegmentationClass, the stems in <root>/ImageSets/Segmentation/<split>.txt; label maps are '
@@ -186,15 +190,20 @@ class OptimConfig(_Section):
     scale_lr: bool = Field(False, description='lr * global_batch / lr_base_batch (official recipe)')
     lr_base_batch: int = Field(512, ge=1)
     weight_decay: float = Field(0.05, ge=0)
+    weight_decay_end: float | None = Field(None, ge=0, description=(
+        'weight decay follows a cosine from weight_decay to this over the run (DINO: 0.04 -> 0.4)'))
     betas: tuple[float, float] = Field((0.9, 0.999), description='each in [0, 1)')
     eps: float = Field(1e-8, gt=0)
-    no_decay: Literal['official', 'passl', 'layernorm'] = Field(
+    no_decay: Literal['official', 'passl', 'layernorm', 'dino'] = Field(
         'official', description='official: 1-D params, biases, cls token; passl: names containing no_decay_names; '
-                                'layernorm: LayerNorm weights and biases only (the official dense recipes)')
+                                'layernorm: LayerNorm weights and biases only (the official dense recipes); '
+                                'dino: 1-D params and biases')
     no_decay_names: list[str] = Field(default_factory=lambda: ['temperature', 'pos_embed', 'cls_token', 'dist_token'])
     layer_decay: float | None = Field(None, gt=0, le=1, description='layer-wise lr decay: block i of n gets '
                                       'lr * layer_decay ** (n - i); the stem its lowest, the heads the full lr')
     clip_grad: float | None = Field(None, gt=0, description='max gradient norm')
+    clip_mode: Literal['norm', 'per_parameter'] = Field('norm', description=(
+        "norm: of all gradients together; per_parameter: each parameter's gradient on its own (DINO)"))
     accum_steps: int = Field(1, ge=1)
 
     @field_validator('betas')
@@ -305,6 +314,42 @@ class DistillConfig(_Section):
     tau: float = Field(1.0, gt=0, description='soft: temperature')
 
 
+class DinoConfig(_Section):
+    """`task: dino`: facebookresearch/dino's main_dino.py arguments, by their names there."""
+    out_dim: int = Field(65536, ge=2, le=1_048_576, description='dimension of the DINO head output')
+    hidden_dim: int = Field(2048, ge=1, le=65536)
+    bottleneck_dim: int = Field(256, ge=1, le=65536)
+    head_layers: int = Field(3, ge=1, le=8)
+    use_bn_in_head: bool = False
+    norm_last_layer: bool = Field(True, description="keep the last layer's weight-norm gains at 1")
+    momentum_teacher: float = Field(0.996, ge=0, le=1, description='teacher EMA momentum, cosine to 1 over the run')
+    warmup_teacher_temp: float = Field(0.04, gt=0)
+    teacher_temp: float = Field(0.04, gt=0, description='reached linearly after warmup_teacher_temp_epochs')
+    warmup_teacher_temp_epochs: int = Field(0, ge=0)
+    student_temp: float = Field(0.1, gt=0)
+    center_momentum: float = Field(0.9, ge=0, lt=1)
+    freeze_last_layer: int = Field(1, ge=0, description='epochs during which the last layer gets no update')
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops_number: int = Field(8, ge=0, le=64)
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    local_crops_size: int = Field(96, ge=8, le=4096, description='global crops are data.image_size')
+    blur_radius: tuple[float, float] = Field((0.1, 2.0), description='Gaussian blur radius range, in pixels')
+    knn_k: int = Field(20, ge=1, le=10_000, description='evaluation: neighbours of the weighted k-NN')
+    knn_temperature: float = Field(0.07, gt=0)
+    probe_epochs: int = Field(0, ge=0, le=10_000, description=(
+        'evaluation: also train a linear probe on the frozen features for this many epochs (0: k-NN only)'))
+
+    @model_validator(mode='after')
+    def _scales(self):
+        for key in ('global_crops_scale', 'local_crops_scale'):
+            low, high = getattr(self, key)
+            if not 0 < low <= high <= 1:
+                raise ValueError(f'{key} must be (min, max) with 0 < min <= max <= 1, not ({low}, {high})')
+        if not 0 <= self.blur_radius[0] <= self.blur_radius[1]:
+            raise ValueError(f'blur_radius must be (min, max) with 0 <= min <= max, not {self.blur_radius}')
+        return self
+
+
 class Config(_Section):
     experiment: str | None = Field(None, description='run folder name (default: the config file name)')
     output_dir: str = 'runs'
@@ -320,6 +365,7 @@ class Config(_Section):
     scenes: ScenesConfig = Field(default_factory=ScenesConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    dino: DinoConfig = Field(default_factory=DinoConfig)
 
     @field_validator('experiment')
     @classmethod
@@ -333,7 +379,7 @@ class Config(_Section):
         mixing = self.augment.mixup > 0 or self.augment.cutmix > 0
         if mixing and self.augment.mixup_mode == 'batch' and self.data.batch_size % 2:
             raise ValueError(f'data.batch_size must be even with mixup/cutmix in batch mode (got {self.data.batch_size})')
-        if self.data.dataset not in ('digits', 'digit_scenes') and not self.data.root:
+        if self.data.dataset not in ('digits', 'digit_views', 'digit_scenes') and not self.data.root:
             raise ValueError(f'data.root is required for the {self.data.dataset} dataset')
         return self
 

@@ -98,3 +98,12 @@ def average_batchnorm_buffers(model: nn.Module, env: DistEnv) -> None:
             for buffer in (module.running_mean, module.running_var):
                 dist.all_reduce(buffer)
                 buffer.div_(env.world_size)
+
+
+def all_gather_cat(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Every rank's rows of `tensor` (sizes may differ), concatenated in rank order, on the CPU."""
+    if not env.distributed:
+        return tensor.cpu()
+    gathered: list = [None] * env.world_size
+    dist.all_gather_object(gathered, tensor.cpu())
+    return torch.cat(gathered)

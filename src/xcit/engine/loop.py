@@ -155,7 +155,7 @@ class _Trainer:
             raise ValueError(f'an epoch has {len(data)} batches, fewer than optim.accum_steps ({optim.accum_steps})')
         lr = peak_lr(optim, global_batch=data.batch_size * env.world_size * optim.accum_steps)
         self.optimizer = build_optimizer(model, optim, lr)
-        self.schedule = build_schedule(schedule, lr, self.steps_per_epoch)
+        self.schedule = build_schedule(schedule, lr, self.steps_per_epoch, optim)
         self.epochs = schedule.epochs
         self.scaler = torch.amp.GradScaler(env.device.type) if train.amp == 'fp16' else None
         self.epoch, self.step, self.start_batch, self.best = 0, 0, 0, None
@@ -263,7 +263,8 @@ class _Trainer:
         if self.optim.clip_grad:
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.clip_grad)
+            clip_gradients(self.model, self.optim.clip_grad, self.optim.clip_mode)
+        self.task.adjust_gradients(self.step)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -302,6 +303,17 @@ class _Trainer:
             listing = self.log.note_unreadable(unreadable)
             _logger.warning('epoch %d: skipped %d unreadable images (listed in %s)', self.epoch, len(unreadable),
                             listing)
+
+
+def clip_gradients(model: nn.Module, max_norm: float, mode: str) -> None:
+    """norm: scale all gradients together to a total norm of at most `max_norm` (timm's); per_parameter:
+    each parameter's gradient on its own (DINO's `clip_gradients`)."""
+    if mode == 'norm':
+        nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        return
+    for p in model.parameters():
+        if p.grad is not None:
+            nn.utils.clip_grad_norm_(p, max_norm)
 
 
 def _wrap(model: nn.Module, env: DistEnv, compile: bool) -> nn.Module:

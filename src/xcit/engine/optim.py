@@ -21,16 +21,17 @@ def _exempt_from_decay(model: nn.Module, rule: str, no_decay_names) -> set[str]:
     `pos_embeder.*`); norms, biases and LayerScale gammas are decayed.
     layernorm (the official detection and segmentation recipes, whose `norm` key matches the block
     LayerNorms only): LayerNorm weights and biases; BatchNorm, biases and everything else are decayed.
+    dino (facebookresearch/dino): 1-D parameters and biases; the class token and temperatures are decayed.
     """
-    if rule == 'official':
-        skip = set(getattr(model, 'no_weight_decay', lambda: set())())
+    if rule in ('official', 'dino'):
+        skip = set(getattr(model, 'no_weight_decay', lambda: set())()) if rule == 'official' else set()
         return {n for n, p in model.named_parameters() if p.ndim <= 1 or n.endswith('.bias') or n in skip}
     if rule == 'passl':
         return {n for n, _ in model.named_parameters() if any(s in n for s in no_decay_names)}
     if rule == 'layernorm':
         return {f'{m_name}.{p_name}' if m_name else p_name for m_name, module in model.named_modules()
                 if isinstance(module, nn.LayerNorm) for p_name, _ in module.named_parameters(recurse=False)}
-    raise ValueError(f"unknown weight-decay rule {rule!r}: 'official', 'passl' or 'layernorm'")
+    raise ValueError(f"unknown weight-decay rule {rule!r}: 'official', 'passl', 'layernorm' or 'dino'")
 
 
 _BLOCK = re.compile(r'(?:^|\.)blocks\.(\d+)\.')
@@ -63,13 +64,14 @@ def decay_groups(model: nn.Module, weight_decay: float, rule: str = 'official',
         if not param.requires_grad:
             continue
         depth, decayed = ids.get(name, top), name not in exempt
-        group = groups.setdefault((depth, decayed), dict(params=[], weight_decay=weight_decay if decayed else 0.0))
+        group = groups.setdefault((depth, decayed), dict(params=[], weight_decay=weight_decay if decayed else 0.0,
+                                                         decayed=decayed))
         if layer_decay is not None:
             group['lr_scale'] = layer_decay ** (top - depth)
         group['params'].append(param)
     if layer_decay is None:  # always the two groups, decayed first, so optimizer states keep their layout
-        return [groups.get((0, True), dict(params=[], weight_decay=weight_decay)),
-                groups.get((0, False), dict(params=[], weight_decay=0.0))]
+        return [groups.get((0, True), dict(params=[], weight_decay=weight_decay, decayed=True)),
+                groups.get((0, False), dict(params=[], weight_decay=0.0, decayed=False))]
     return [groups[key] for key in sorted(groups, key=lambda k: (k[0], not k[1]))]
 
 
@@ -97,7 +99,9 @@ class WarmupDecay:
 
     cosine: half a cosine down to `min_lr` (timm, the classification recipes); step: `peak_lr` times
     `gamma` per milestone passed (mmdet's Mask R-CNN schedules); poly: `(1 - progress) ** power` down to
-    `min_lr` (mmseg's). Progress runs from the end of warmup to the last step.
+    `min_lr` (mmseg's). Progress runs from the end of warmup to the last step. With `weight_decay`
+    (start, end), the decayed groups' weight decay follows half a cosine from start to end over all
+    steps, without warmup (DINO).
     """
     peak_lr: float
     total_steps: int
@@ -108,6 +112,7 @@ class WarmupDecay:
     milestones: tuple[int, ...] = ()
     gamma: float = 0.1
     power: float = 1.0
+    weight_decay: tuple[float, float] | None = None
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
@@ -119,16 +124,28 @@ class WarmupDecay:
             return self.min_lr + (self.peak_lr - self.min_lr) * (1 - progress) ** self.power
         return self.min_lr + 0.5 * (self.peak_lr - self.min_lr) * (1 + math.cos(math.pi * progress))
 
+    def weight_decay_at(self, step: int) -> float | None:
+        if self.weight_decay is None:
+            return None
+        start, end = self.weight_decay
+        return end + 0.5 * (start - end) * (1 + math.cos(math.pi * min(step / max(self.total_steps, 1), 1.0)))
+
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        lr = self(step)
+        lr, weight_decay = self(step), self.weight_decay_at(step)
         for group in optimizer.param_groups:
             group['lr'] = lr * group.get('lr_scale', 1.0)
+            if weight_decay is not None and group.get('decayed', group['weight_decay'] > 0):
+                group['weight_decay'] = weight_decay
         return lr
 
 
-def build_schedule(s: ScheduleConfig, lr: float, steps_per_epoch: int) -> WarmupDecay:
+def build_schedule(s: ScheduleConfig, lr: float, steps_per_epoch: int, optim: OptimConfig | None = None
+                   ) -> WarmupDecay:
     warmup = s.warmup_steps if s.warmup_steps is not None else round(s.warmup_epochs * steps_per_epoch)
+    weight_decay = None
+    if optim is not None and optim.weight_decay_end is not None:
+        weight_decay = (optim.weight_decay, optim.weight_decay_end)
     return WarmupDecay(peak_lr=lr, total_steps=s.epochs * steps_per_epoch, warmup_steps=warmup,
                        warmup_lr=s.warmup_lr, min_lr=s.min_lr, decay=s.decay,
                        milestones=tuple(round(m * steps_per_epoch) for m in s.milestones), gamma=s.gamma,
-                       power=s.power)
+                       power=s.power, weight_decay=weight_decay)

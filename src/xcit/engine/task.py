@@ -59,6 +59,9 @@ class Task:
         """This rank's evaluation batches."""
         raise NotImplementedError
 
+    def adjust_gradients(self, step: int) -> None:
+        """Called before optimizer step `step` (after clipping): e.g. DINO drops its last layer's gradients."""
+
     def after_step(self, step: int) -> None:
         """Called after each optimizer step (e.g. a teacher's EMA, a running centre)."""
 
