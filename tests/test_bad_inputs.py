@@ -279,7 +279,8 @@ def _numeric_fields():
     """(key, a valid value for it) for every field of the schema that holds ints or floats."""
     tuples = {'augment.scale': (0.5, 1.0), 'augment.ratio': (0.5, 1.0), 'optim.betas': (0.9, 0.99),
               'data.mean': (0.5, 0.5, 0.5), 'data.std': (0.5, 0.5, 0.5), 'scenes.digit_sizes': (20, 72),
-              'augment.crop_size': (64, 64)}
+              'augment.crop_size': (64, 64), 'dino.global_crops_scale': (0.4, 1.0),
+              'dino.local_crops_scale': (0.05, 0.4), 'dino.blur_radius': (0.1, 2.0)}
     found = []
 
     def walk(model, prefix):

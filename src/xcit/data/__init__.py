@@ -11,7 +11,7 @@ from ..registry import IMAGENET_MEAN, IMAGENET_STD
 from .datasets import DigitsSource, SampleSource, TransformedDataset, collate, image_folder, label_list
 from .samplers import ShardSampler, TrainSampler
 
-__all__ = ['DataBundle', 'EpochLoader', 'build_data', 'build_eval_transform', 'build_mixup', 'build_source', 'build_train_transform']
+__all__ = ['DataBundle', 'EpochLoader', 'build_data', 'build_eval_loader', 'build_eval_transform', 'build_mixup', 'build_source', 'build_train_transform']
 
 
 def build_source(config: Config, split: str) -> SampleSource:
@@ -19,6 +19,10 @@ def build_source(config: Config, split: str) -> SampleSource:
     name = data.train_split if split == 'train' else data.val_split
     if data.dataset == 'digits':
         return DigitsSource(split, size=data.digits_size)
+    if data.dataset == 'digit_views':
+        from .views import DigitViews
+        return DigitViews(split, size=data.digits_size, views=data.views_per_digit if split == 'train' else 1,
+                          seed=config.seed)
     if data.dataset == 'imagefolder':
         from pathlib import Path
         return image_folder(Path(data.root) / name)
@@ -97,24 +101,37 @@ class DataBundle:
     classes: list[str]
 
 
+def build_eval_loader(config: Config, model_cfg: dict, source: SampleSource, rank: int = 0, world_size: int = 1,
+                      pin_memory: bool = False) -> DataLoader:
+    """`source` through the evaluation transform, in order, each rank its exact share."""
+    data = config.data
+    dataset = TransformedDataset(source, build_eval_transform(config, model_cfg), training=False,
+                                 on_corrupt=data.on_corrupt, seed=config.seed)
+    return DataLoader(dataset, batch_size=data.eval_batch_size or data.batch_size,
+                      sampler=ShardSampler(len(dataset), world_size, rank), num_workers=data.num_workers,
+                      collate_fn=collate, pin_memory=pin_memory, generator=torch.Generator().manual_seed(config.seed))
+
+
 def build_data(config: Config, model_cfg: dict, train_source: SampleSource | None, val_source: SampleSource,
-               rank: int = 0, world_size: int = 1, pin_memory: bool = False) -> DataBundle:
-    """Loaders for training (sharded, shuffled, resumable; none without a source) and evaluation (sharded, exact)."""
+               rank: int = 0, world_size: int = 1, pin_memory: bool = False, train_transform=None,
+               train_collate=collate) -> DataBundle:
+    """Loaders for training (sharded, shuffled, resumable; none without a source) and evaluation (sharded, exact).
+
+    `train_transform` (default: the classification augmentation) and `train_collate` let a task (DINO's
+    multi-crop) shape its training samples.
+    """
     data = config.data
     # a generator of the loader's own: workers' base seeds then leave the global generator alone
-    common = dict(num_workers=data.num_workers, collate_fn=collate, pin_memory=pin_memory,
+    common = dict(num_workers=data.num_workers, collate_fn=train_collate, pin_memory=pin_memory,
                   generator=torch.Generator().manual_seed(config.seed))
-    val_set = TransformedDataset(val_source, build_eval_transform(config, model_cfg), training=False,
-                                 on_corrupt=data.on_corrupt, seed=config.seed)
-    val = DataLoader(val_set, batch_size=data.eval_batch_size or data.batch_size,
-                     sampler=ShardSampler(len(val_set), world_size, rank), **common)
+    val = build_eval_loader(config, model_cfg, val_source, rank, world_size, pin_memory)
     if train_source is None:
         return DataBundle(None, val, val_source.classes)
     if len(train_source) < data.batch_size * world_size:
         raise ConfigError(f'the training set has {len(train_source)} images, fewer than one global batch '
                           f'({data.batch_size} x {world_size} processes)')
-    train_set = TransformedDataset(train_source, build_train_transform(config, model_cfg), training=True,
-                                   on_corrupt=data.on_corrupt, seed=config.seed)
+    train_set = TransformedDataset(train_source, train_transform or build_train_transform(config, model_cfg),
+                                   training=True, on_corrupt=data.on_corrupt, seed=config.seed)
     sampler = TrainSampler(len(train_set), world_size, rank, seed=config.seed, repeats=config.augment.repeated_aug)
     train = DataLoader(train_set, batch_size=data.batch_size, sampler=sampler, drop_last=True, **common)
     return DataBundle(EpochLoader(train, sampler, train_set), val, train_source.classes)

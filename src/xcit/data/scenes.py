@@ -57,7 +57,7 @@ class DigitScenes(torch.utils.data.Dataset):
         rand = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
         randint = lambda low, high: int(torch.randint(low, high + 1, (1,), generator=g))  # noqa: E731
         H, W = randint(self.min_side, self.max_side), randint(self.min_side, self.max_side)
-        image = _texture(H, W, g)  # (3, H, W)
+        image = textured_background(H, W, g)  # (3, H, W)
         owner = torch.full((H, W), -1, dtype=torch.long)  # which pasted digit each pixel shows
         labels, sources, placed = [], [], []
         for _ in range(randint(1, self.max_digits)):
@@ -75,7 +75,7 @@ class DigitScenes(torch.utils.data.Dataset):
             else:
                 continue  # no room left for it
             placed.append((top, left, h, w))
-            colour = _contrasting_colour(image[:, top:top + h, left:left + w], g)  # (3,)
+            colour = contrasting_colour(image[:, top:top + h, left:left + w], g)  # (3,)
             alpha = ink[None]
             patch = image[:, top:top + h, left:left + w]
             image[:, top:top + h, left:left + w] = patch * (1 - alpha) + colour[:, None, None] * alpha
@@ -124,7 +124,7 @@ def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> int:
     return max(rows, 0) * max(cols, 0)
 
 
-def _texture(H: int, W: int, g: torch.Generator) -> torch.Tensor:
+def textured_background(H: int, W: int, g: torch.Generator) -> torch.Tensor:
     """A muted background: smooth blotches of one hue from a coarse random grid, plus fine grain."""
     cells = int(torch.randint(2, 9, (1,), generator=g))
     hue = torch.rand(3, 1, 1, generator=g)
@@ -135,7 +135,7 @@ def _texture(H: int, W: int, g: torch.Generator) -> torch.Tensor:
     return (smooth + grain).clamp(0, 1)
 
 
-def _contrasting_colour(patch: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def contrasting_colour(patch: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """A random colour at least 0.35 away in mean brightness from what it is painted on."""
     base = float(patch.mean())
     for _ in range(8):

@@ -12,6 +12,7 @@ from ..config import Config, ConfigError
 from ..engine import FitResult, Task, distributed_session, evaluate_task, fit, free_run_dir
 from .classification import ClassificationTask
 from .detection import DetectionTask
+from .dino import DinoTask
 from .segmentation import SegmentationTask
 
 # name -> builder(config, load, evaluate_only) -> Task
@@ -27,6 +28,7 @@ def register_task(name: str, builder: Callable[..., Task]) -> None:
 register_task('classification', ClassificationTask)
 register_task('detection', DetectionTask)
 register_task('segmentation', SegmentationTask)
+register_task('dino', DinoTask)
 
 
 def build_task(config: Config, load: str | Path | None = None, evaluate_only: bool = False) -> Task:
@@ -49,4 +51,4 @@ def run(config: Config, resume: str | Path | None = None, load: str | Path | Non
                    record=config.to_dict(), resume=resume)
 
 
-__all__ = ['ClassificationTask', 'DetectionTask', 'SegmentationTask', 'TASKS', 'build_task', 'register_task', 'run']
+__all__ = ['ClassificationTask', 'DetectionTask', 'DinoTask', 'SegmentationTask', 'TASKS', 'build_task', 'register_task', 'run']

@@ -1,0 +1,64 @@
+"""DINO's multi-crop augmentation: two global crops and N local ones of each image, and their batches.
+
+The recipe of facebookresearch/dino's DataAugmentationDINO, through torchvision: random
+resized crops (global scale 0.4-1, local 0.05-0.4), flip, colour jitter (0.4, 0.4, 0.2, 0.1)
+with p 0.8, grayscale with p 0.2, Gaussian blur (p 1.0 / 0.1 / 0.5 for global 1 / global 2
+/ local) and solarisation of the second global crop (p 0.2). Every draw comes from torch's
+generator, which the dataset seeds per (epoch, sample), so crops are reproducible.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from PIL import Image, ImageFilter
+from torchvision import transforms as T
+
+
+class RandomBlur:
+    """PIL's Gaussian blur with probability `p` and a radius uniform in `radius` (DINO's GaussianBlur)."""
+
+    def __init__(self, p: float, radius: tuple[float, float] = (0.1, 2.0)):
+        self.p, self.radius = p, radius
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if float(torch.rand(1)) >= self.p:
+            return image
+        low, high = self.radius
+        return image.filter(ImageFilter.GaussianBlur(radius=low + (high - low) * float(torch.rand(1))))
+
+
+class MultiCropTransform:
+    """image -> [global 1, global 2, local 1, ..., local N], normalised (3, size, size) tensors."""
+
+    def __init__(self, global_size: int, local_size: int, local_crops: int, global_scale=(0.4, 1.0),
+                 local_scale=(0.05, 0.4), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), hflip: float = 0.5,
+                 blur_radius=(0.1, 2.0), solarize_threshold: int = 128):
+        bicubic = T.InterpolationMode.BICUBIC
+        shared = [T.RandomHorizontalFlip(p=hflip),
+                  T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+                  T.RandomGrayscale(p=0.2)]
+        to_tensor = [T.ToTensor(), T.Normalize(mean, std)]
+        crop = lambda size, scale: T.RandomResizedCrop(size, scale=tuple(scale), interpolation=bicubic)  # noqa: E731
+        self.global_1 = T.Compose([crop(global_size, global_scale), *shared, RandomBlur(1.0, blur_radius), *to_tensor])
+        self.global_2 = T.Compose([crop(global_size, global_scale), *shared, RandomBlur(0.1, blur_radius),
+                                   T.RandomSolarize(solarize_threshold, p=0.2), *to_tensor])
+        self.local = T.Compose([crop(local_size, local_scale), *shared, RandomBlur(0.5, blur_radius), *to_tensor])
+        self.local_crops = local_crops
+
+    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
+        return [self.global_1(image), self.global_2(image), *(self.local(image) for _ in range(self.local_crops))]
+
+
+class MultiCropBatch(NamedTuple):
+    crops: list[torch.Tensor]  # per crop: (B, 3, size, size), global crops first
+    targets: torch.Tensor  # (B,) labels, unused by DINO
+    unreadable: list[str]
+
+
+def multicrop_collate(batch) -> MultiCropBatch:
+    """Stack crop i of every sample into one tensor; report unreadable samples alongside."""
+    skipped = [path for _, _, paths in batch for path in paths]
+    kept = [(crops, target) for crops, target, _ in batch if crops is not None]
+    crops = [torch.stack(views) for views in zip(*(c for c, _ in kept))]
+    return MultiCropBatch(crops, torch.tensor([t for _, t in kept], dtype=torch.long), skipped)

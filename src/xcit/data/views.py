@@ -1,0 +1,76 @@
+"""`digit_views`: scikit-learn's digits seen as a camera might see them, for classification and pretraining.
+
+Each view is one digit on a `size`-pixel square canvas: the textured background of
+`digit_scenes`, the digit in a random colour that contrasts with it, scaled to 45-90 %
+of the canvas, stretched a little, rotated by up to 25 degrees and placed anywhere it
+fits. A view is a pure function of (seed, split, index); index i shows digit i mod n
+(n digits in the split), so `views` > 1 shows each digit several ways. Train and val
+views draw from the disjoint digits of `digits_split`. Unlike the plain digits, where a
+k-NN on raw pixels is right 98 % of the time, pixels say little here: colour, place and
+background vary more than the class does, and features have to see past them.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .datasets import SampleSource, digits_split
+from .scenes import contrasting_colour, textured_background
+
+
+class DigitViews(SampleSource):
+    def __init__(self, split: str, size: int = 32, views: int = 1, seed: int = 0):
+        if not 16 <= size <= 1024:
+            raise ValueError(f'digit_views: size must be 16 to 1024 pixels, not {size}')
+        if not 1 <= views <= 1000:
+            raise ValueError(f'digit_views: views must be 1 to 1000, not {views}')
+        images, targets, _ = digits_split(split)
+        self.digits = torch.from_numpy(images / 16.0).float()  # (n, 8, 8) in [0, 1]
+        self.targets = np.tile(targets, views).tolist()
+        self.classes = [str(i) for i in range(10)]
+        self.split, self.size, self.views, self.seed = split, size, views, seed
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def describe(self, index: int) -> str:
+        return f'digit_views[{self.split}][{index}]'
+
+    def load(self, index: int) -> Image.Image:
+        state = np.random.SeedSequence([self.seed, ('train', 'val').index(self.split), index]).generate_state(2)
+        g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        uniform = lambda low, high: low + (high - low) * float(torch.rand(1, generator=g))  # noqa: E731
+        S = self.size
+        canvas = textured_background(S, S, g)  # (3, S, S)
+        side = uniform(0.45, 0.9) * S
+        h, w = side * uniform(0.85, 1.15), side * uniform(0.6, 0.8)  # digits are taller than wide
+        angle = math.radians(uniform(-25, 25))
+        c, s = abs(math.cos(angle)), abs(math.sin(angle))
+        fit = min(1.0, S / (h * c + w * s + 1), S / (w * c + h * s + 1))  # the turned frame stays on the canvas
+        h, w = max(4, round(h * fit)), max(4, round(w * fit))
+        ink = F.interpolate(self.digits[index % len(self.digits)][None, None], size=(h, w), mode='bicubic',
+                            align_corners=False)
+        ink = ((ink - 0.3) * 2.5).clamp(0, 1)  # (1, 1, h, w): crisp strokes
+        ink = _rotate(ink, angle)[0, 0]  # (h', w'): the turned frame
+        ih, iw = ink.shape
+        top, left = int(torch.randint(0, S - ih + 1, (1,), generator=g)), int(torch.randint(0, S - iw + 1, (1,), generator=g))
+        patch = canvas[:, top:top + ih, left:left + iw]
+        colour = contrasting_colour(patch, g)
+        canvas[:, top:top + ih, left:left + iw] = patch * (1 - ink) + colour[:, None, None] * ink
+        pixels = (canvas.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        return Image.fromarray(pixels)
+
+
+def _rotate(ink: torch.Tensor, angle: float) -> torch.Tensor:
+    """(1, 1, h, w) rotated by `angle` radians about its centre into the frame that holds all of it."""
+    _, _, h, w = ink.shape
+    c, s = math.cos(angle), math.sin(angle)
+    H, W = math.ceil(abs(h * c) + abs(w * s)), math.ceil(abs(w * c) + abs(h * s))
+    # output pixel (x, y) in [-1, 1] of the big frame samples the input at R^-1 (x, y), rescaled to its frame
+    theta = torch.tensor([[c * W / w, s * H / w, 0.0], [-s * W / h, c * H / h, 0.0]])[None]
+    grid = F.affine_grid(theta, (1, 1, H, W), align_corners=False)
+    return F.grid_sample(ink, grid, mode='bilinear', padding_mode='zeros', align_corners=False)

@@ -1,0 +1,126 @@
+"""DINO's pieces against direct formulations: the loss, the teacher's EMA, multi-crop, the k-NN read-out."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xcit
+from xcit.ssl import DINOHead, DINOLoss, DINOModel, MultiCrop, cosine_ramp, knn_predict, teacher_temperature
+from xcit.ssl.knn import knn_accuracy
+
+
+def _direct_dino_loss(student, teacher, center, crops, teacher_temp, student_temp=0.1):
+    """The paper's sum over pairs (global view t of the teacher, any other view v of the student), written out
+    one sample at a time."""
+    B = teacher.shape[0] // 2
+    total, pairs = 0.0, 0
+    for t in range(2):
+        for v in range(crops):
+            if v == t:
+                continue
+            for b in range(B):
+                q = torch.softmax((teacher[t * B + b] - center[0]) / teacher_temp, dim=0)
+                log_p = torch.log_softmax(student[v * B + b] / student_temp, dim=0)
+                total += -(q * log_p).sum().item() / B
+            pairs += 1
+    return total / pairs
+
+
+def test_the_loss_is_the_mean_cross_entropy_over_cross_view_pairs_and_the_centre_moves_by_its_ema():
+    torch.manual_seed(0)
+    crops, B, K = 5, 3, 16
+    student, teacher = torch.randn(crops * B, K) * 3, torch.randn(2 * B, K) * 3
+    loss = DINOLoss(K, crops, center_momentum=0.9)
+    loss.center.copy_(torch.randn(1, K))
+    center = loss.center.clone()
+    value = loss(student, teacher, teacher_temp=0.04)
+    assert value.item() == pytest.approx(_direct_dino_loss(student, teacher, center, crops, 0.04), rel=1e-5)
+    # the centre used was the old one; then it moved towards the batch mean of the raw teacher outputs
+    assert torch.allclose(loss.center, 0.9 * center + 0.1 * teacher.mean(0, keepdim=True), atol=1e-6)
+
+
+def test_schedules_follow_dino():
+    assert cosine_ramp(0.996, 1.0, 0, 100) == 0.996 and cosine_ramp(0.996, 1.0, 100, 100) == 1.0
+    assert cosine_ramp(0.996, 1.0, 50, 100) == pytest.approx(0.998)
+    temps = [teacher_temperature(e, 0.04, 0.07, 30) for e in range(32)]
+    assert temps[0] == 0.04 and temps[29] == pytest.approx(0.07) and temps[31] == 0.07  # linspace: both ends
+    assert temps[15] == pytest.approx(0.04 + 0.03 * 15 / 29)
+    assert teacher_temperature(0, 0.04, 0.07, 0) == 0.07
+
+
+def _tiny_dino(out_dim=32):
+    torch.manual_seed(0)
+    def multicrop(norm_last_layer=True):
+        backbone = xcit.create_model('xcit_nano_12_p8_224', depth=1, num_classes=0)
+        return MultiCrop(backbone, DINOHead(backbone.num_features, out_dim, 64, 16, norm_last_layer=norm_last_layer))
+    return DINOModel(multicrop(False), multicrop())
+
+
+def test_the_teacher_gets_no_gradient_and_moves_by_exactly_the_ema_rule():
+    model = _tiny_dino()
+    crops = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16)]
+    student_out, teacher_out = model(crops)
+    assert student_out.shape == (6, 32) and teacher_out.shape == (4, 32)  # the teacher sees the global crops only
+    (student_out.sum() + teacher_out.sum()).backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.student.parameters())
+    torch.optim.SGD([p for p in model.student.parameters() if p.requires_grad], lr=0.1).step()
+    before = {k: v.clone() for k, v in model.teacher.named_parameters()}
+    buffers = {k: v.clone() for k, v in model.teacher.named_buffers()}
+    model.update_teacher(0.9)
+    student = dict(model.student.named_parameters())
+    for name, p in model.teacher.named_parameters():
+        expected = before[name] * 0.9 + student[name].detach() * (1 - 0.9)
+        torch.testing.assert_close(p, expected, rtol=1e-6, atol=1e-7, msg=name)  # a fused multiply-add rounds once
+    assert all(torch.equal(v, buffers[k]) for k, v in model.teacher.named_buffers())  # BatchNorm stats: its own
+
+
+def test_crops_of_two_sizes_run_through_one_backbone_without_interpolation(monkeypatch):
+    model = _tiny_dino()
+    calls = []
+    monkeypatch.setattr(F, 'interpolate', lambda *a, **k: calls.append(a) or pytest.fail('interpolated'))
+    backbone_inputs = []
+    model.student.backbone.register_forward_hook(lambda m, args, out: backbone_inputs.append(args[0].shape))
+    crops = [torch.randn(3, 3, 48, 48)] * 2 + [torch.randn(3, 3, 24, 24)] * 4
+    out, _ = model(crops)
+    assert out.shape == (18, 32) and not calls
+    assert backbone_inputs == [(6, 3, 48, 48), (12, 3, 24, 24)]  # one pass per resolution
+
+
+def test_weighted_knn_matches_a_brute_force_vote():
+    g = torch.Generator().manual_seed(0)
+    train, labels = torch.randn(40, 8, generator=g), torch.randint(0, 4, (40,), generator=g)
+    test = torch.randn(9, 8, generator=g)
+    scores = knn_predict(train, labels, test, k=5, temperature=0.07, num_classes=4, chunk=4)
+    for i, x in enumerate(test):
+        sims = [(F.cosine_similarity(x, t, dim=0).item(), int(c)) for t, c in zip(train, labels)]
+        nearest = sorted(sims, reverse=True)[:5]
+        expected = [sum(math.exp(s / 0.07) for s, c in nearest if c == cls) for cls in range(4)]
+        assert scores[i].tolist() == pytest.approx(expected, rel=1e-4)
+    accuracy = knn_accuracy(train, labels, train, labels, k=1)
+    assert accuracy == 100.0  # each point is its own nearest neighbour
+
+
+def test_a_tiny_pretraining_trains_the_student_moves_the_teacher_and_checkpoints_both(tmp_path):
+    from conftest import tiny_run_config
+    from xcit.config import load_config
+    from xcit.tasks import run
+    config = tiny_run_config(tmp_path, **{
+        'task': 'dino', 'model.kwargs': {'depth': 1}, 'data.dataset': 'digit_views', 'data.digits_size': 24,
+        'data.image_size': 24, 'schedule.epochs': 1, 'optim.weight_decay_end': 0.4, 'optim.clip_grad': 3.0,
+        'optim.clip_mode': 'per_parameter', 'optim.no_decay': 'dino',
+        'dino': {'out_dim': 64, 'hidden_dim': 32, 'bottleneck_dim': 16, 'local_crops_number': 2,
+                 'local_crops_size': 16, 'blur_radius': [0.1, 0.5]}})
+    result = run(load_config(config))
+    assert set(result.metrics) >= {'knn_top1', 'init_knn_top1', 'pixels_knn_top1'} and result.metrics['count'] == 359
+    assert result.summary.startswith('k-NN top-1: pretrained ') and 'random init' in result.summary
+    state = torch.load(result.run_dir / 'last.pth', weights_only=True)
+    student = {k[len('student.'):]: v for k, v in state['model'].items() if k.startswith('student.')}
+    teacher = {k[len('teacher.'):]: v for k, v in state['model'].items() if k.startswith('teacher.')}
+    assert student.keys() == teacher.keys()
+    assert not torch.equal(student['backbone.cls_token'], teacher['backbone.cls_token'])  # an EMA, not a copy
+    assert torch.equal(teacher['head.last_layer.weight_g'], torch.ones_like(teacher['head.last_layer.weight_g']))
+    assert state['task']['center'].abs().sum() > 0 and state['task']['step'] == state['step']
+    # frozen through the first epoch, the student's last layer has not moved, so neither has its EMA
+    torch.testing.assert_close(student['head.last_layer.weight_v'], teacher['head.last_layer.weight_v'])
