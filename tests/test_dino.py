@@ -1,5 +1,6 @@
 """DINO's pieces against direct formulations: the loss, the teacher's EMA, multi-crop, the k-NN read-out."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +125,66 @@ def test_a_tiny_pretraining_trains_the_student_moves_the_teacher_and_checkpoints
     assert state['task']['center'].abs().sum() > 0 and state['task']['step'] == state['step']
     # frozen through the first epoch, the student's last layer has not moved, so neither has its EMA
     torch.testing.assert_close(student['head.last_layer.weight_v'], teacher['head.last_layer.weight_v'])
+
+
+def _dino_full_checkpoint(path, teacher, student):
+    """A file laid out as facebookresearch/dino's train_dino writes checkpoint.pth for XCiT (DDP-wrapped student
+    and, because of XCiT's BatchNorm, teacher), with the head, optimizer, loss centre and argparse args."""
+    import argparse
+    head = DINOHead(teacher.num_features, 32, 64, 16).state_dict()
+    def wrapped(backbone):
+        return {**{f'module.backbone.{k}': v for k, v in backbone.state_dict().items()},
+                **{f'module.head.{k}': v for k, v in head.items()}}
+    torch.save({'student': wrapped(student), 'teacher': wrapped(teacher), 'optimizer': {'state': {}, 'param_groups': []},
+                'epoch': 100, 'args': argparse.Namespace(arch='xcit_nano_12_p16', out_dim=32),
+                'dino_loss': {'center': torch.zeros(1, 32)}}, path)
+
+
+@pytest.mark.parametrize('num_classes', [0, 10])
+def test_a_dino_full_checkpoint_loads_its_teacher_backbone_by_default(tmp_path, num_classes):
+    from conftest import perturb_
+    from xcit.checkpoints import read_state_dict
+    torch.manual_seed(0)
+    teacher = perturb_(xcit.create_model('xcit_nano_12_p16_224', num_classes=0), seed=1)
+    student = perturb_(xcit.create_model('xcit_nano_12_p16_224', num_classes=0), seed=2)
+    path = tmp_path / 'checkpoint.pth'
+    _dino_full_checkpoint(path, teacher, student)
+    model = xcit.create_model('xcit_nano_12_p16_224', num_classes=num_classes, checkpoint_path=path)
+    loaded = model.state_dict()
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(loaded[key], value), key
+    students_backbone, _ = read_state_dict(path, ssl_part='student')
+    assert all(torch.equal(students_backbone[k], v) for k, v in student.state_dict().items())
+    assert not any(k.startswith(('head.', 'backbone.', 'module.')) for k in students_backbone)
+
+
+def test_our_dino_run_feeds_classification_with_its_teacher_backbone(tmp_path):
+    model = _tiny_dino()
+    model.update_teacher(0.0)  # any move: the teacher becomes the (perturbed) student
+    from conftest import perturb_
+    perturb_(model.teacher, seed=3)
+    path = tmp_path / 'last.pth'
+    torch.save({'format': 'xcit-train', 'model': model.state_dict()}, path)
+    classifier = xcit.create_model('xcit_nano_12_p8_224', depth=1, num_classes=10, checkpoint_path=path)
+    for key, value in model.teacher.backbone.state_dict().items():
+        assert torch.equal(classifier.state_dict()[key], value), key
+
+
+def test_the_published_dino_backbones_are_tags_that_load_without_a_classifier(tmp_path, monkeypatch):
+    """`.dino` for the four XCiT variants facebookresearch/dino released, served here from a pre-filled hub cache
+    (a flat teacher state dict, no classifier, as released)."""
+    from xcit.registry import get_pretrained_cfg, list_models
+    assert set(list_models('*.dino', pretrained=True)) == {f'xcit_{s}_224.dino' for s in (
+        'small_12_p16', 'small_12_p8', 'medium_24_p16', 'medium_24_p8')}
+    cfg = get_pretrained_cfg('xcit_small_12_p16_224.dino')
+    assert cfg['url'] == ('https://dl.fbaipublicfiles.com/dino/dino_xcit_small_12_p16_pretrain/'
+                          'dino_xcit_small_12_p16_pretrain.pth') and cfg['num_classes'] == 0
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'hub'))
+    torch.manual_seed(0)
+    backbone = xcit.create_model('xcit_small_12_p16_224', num_classes=0, depth=1)
+    cache = Path(torch.hub.get_dir()) / 'checkpoints'  # where the offline error tells a user to put the file
+    cache.mkdir(parents=True)
+    torch.save(backbone.state_dict(), cache / 'xcit_small_12_p16_224.dino-dino_xcit_small_12_p16_pretrain.pth')
+    model = xcit.create_model('xcit_small_12_p16_224.dino', pretrained=True, depth=1)
+    assert model.num_classes == 0
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in backbone.state_dict().items())

@@ -126,11 +126,14 @@ def get_pretrained_cfg(name: str) -> dict:
 def build_model(name: str, pretrained_cfg_overlay: dict | None = None, **kwargs) -> nn.Module:
     """The architecture `name` with freshly initialised weights and its pretrained cfg attached.
 
-    Keyword arguments that are None are left to the builder's defaults; `xcit.create_model` adds weights.
+    Keyword arguments that are None are left to the builder's defaults, except `num_classes`, which comes
+    from the weights' cfg (0 for a tag of backbones, such as `.dino`); `xcit.create_model` adds weights.
     """
     entry = get_model_entry(name)
     cfg = get_pretrained_cfg(name)
     cfg.update(pretrained_cfg_overlay or {})
+    if kwargs.get('num_classes') is None and 'num_classes' in cfg:
+        kwargs['num_classes'] = cfg['num_classes']
     model = entry.builder(**{k: v for k, v in kwargs.items() if v is not None})
     model.pretrained_cfg = model.default_cfg = cfg
     return model

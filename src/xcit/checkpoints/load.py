@@ -20,6 +20,7 @@ _logger = logging.getLogger(__name__)
 _WEIGHT_KEYS = ('model', 'state_dict', 'module')
 _EMA_KEYS = ('model_ema', 'state_dict_ema')
 _DISTILL_PREFIXES = ('Student.', 'Teacher.')
+_SSL_PARTS = ('teacher', 'student')  # DINO: facebookresearch/dino's full checkpoints, and our dino task's
 
 
 @dataclass
@@ -30,19 +31,26 @@ class LoadResult:
     dropped_classifier: list[str] = field(default_factory=list)
 
 
-def extract_state_dict(obj: Any, use_ema: bool = False, source: str = 'checkpoint', part: str = 'Student'
-                       ) -> dict[str, torch.Tensor]:
+def extract_state_dict(obj: Any, use_ema: bool = False, source: str = 'checkpoint', part: str = 'Student',
+                       ssl_part: str = 'teacher') -> dict[str, torch.Tensor]:
     """The flat name -> tensor mapping inside a checkpoint object, in PyTorch's conventions.
 
     Unwraps training checkpoints (official, timm, PASSL, ours), DDP's `module.`
-    prefix and PASSL's distillation wrapper (its `part`: the `Student.` being trained,
-    or the `Teacher.`), and converts Paddle's layout. Family-specific layouts (timm's,
+    prefix, PASSL's distillation wrapper (its `part`: the `Student.` being trained,
+    or the `Teacher.`) and DINO's checkpoints (`ssl_part`: the `teacher`, whose
+    backbone DINO's evaluations and released files use, or the `student`; the DINO
+    head is dropped), and converts Paddle's layout. Family-specific layouts (timm's,
     PASSL's RegNet) are left to the model's adapter.
     """
     if part not in ('Student', 'Teacher'):
         raise ValueError(f"part must be 'Student' or 'Teacher', not {part!r}")
+    if ssl_part not in _SSL_PARTS:
+        raise ValueError(f"ssl_part must be 'teacher' or 'student', not {ssl_part!r}")
     if not isinstance(obj, Mapping):
         raise CheckpointError(f'{source}: expected a mapping of weights, found {type(obj).__name__}')
+    if all(isinstance(obj.get(k), Mapping) for k in _SSL_PARTS):  # facebookresearch/dino's full checkpoint
+        _logger.info('%s: DINO checkpoint, loading its %s backbone', source, ssl_part)
+        return _dino_backbone(obj[ssl_part], source, ssl_part)
     if use_ema:
         ema = next((k for k in _EMA_KEYS if isinstance(obj.get(k), Mapping)), None)
         if ema is None:
@@ -68,6 +76,10 @@ def extract_state_dict(obj: Any, use_ema: bool = False, source: str = 'checkpoin
                               'quantized tensors; only dense weights can be loaded')
     if state_dict and all(k.startswith('module.') for k in state_dict):  # saved from a DDP wrapper
         state_dict = {k[len('module.'):]: v for k, v in state_dict.items()}
+    if state_dict and all(k.startswith(tuple(f'{p}.' for p in _SSL_PARTS)) for k in state_dict):  # task: dino
+        _logger.info('%s: DINO training checkpoint, loading its %s backbone', source, ssl_part)
+        return _dino_backbone({k[len(ssl_part) + 1:]: v for k, v in state_dict.items()
+                               if k.startswith(ssl_part + '.')}, source, ssl_part)
     if state_dict and all(k.startswith(_DISTILL_PREFIXES) for k in state_dict):
         # a distillation checkpoint (PASSL's DistillationWrapper)
         _logger.info('%s: distillation checkpoint, loading its %s. weights', source, part)
@@ -77,6 +89,15 @@ def extract_state_dict(obj: Any, use_ema: bool = False, source: str = 'checkpoin
     if is_paddle_layout(state_dict):
         state_dict = from_paddle(state_dict)
     return state_dict
+
+
+def _dino_backbone(state_dict: Mapping[str, Any], source: str, ssl_part: str) -> dict[str, torch.Tensor]:
+    """The backbone of one DINO network (`module.backbone.*` / `backbone.*` beside `head.*`), without the head."""
+    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    backbone = {k[len('backbone.'):]: v for k, v in state_dict.items() if k.startswith('backbone.')}
+    if not backbone:
+        raise CheckpointError(f'{source}: a DINO checkpoint whose {ssl_part} has no backbone.* weights')
+    return extract_state_dict(backbone, source=source)
 
 
 def _short(key: Any, limit: int = 80) -> str:
@@ -126,7 +147,8 @@ def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], stric
 
     BatchNorm's `num_batches_tracked` may be absent (Paddle files have none).
     With `new_classifier`, classifier entries whose shape differs from the
-    model's are dropped with a warning, leaving a freshly initialised head for fine-tuning.
+    model's are dropped with a warning, leaving a freshly initialised head for fine-tuning
+    (as does a checkpoint with no classifier at all, a pretrained backbone).
     """
     own = model.state_dict()
     result = LoadResult()
@@ -150,6 +172,12 @@ def load_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], stric
         else:
             to_load[key] = value
     result.missing = [k for k in own if k not in state_dict and not k.endswith('num_batches_tracked')]
+    if new_classifier and not any(k.startswith(classifier + '.') for k in state_dict):  # a bare backbone (DINO's)
+        fresh = [k for k in result.missing if k.startswith(classifier + '.')]
+        if fresh:
+            _logger.info('%s: a backbone without a classifier; %s start from their initialisation', source,
+                         ', '.join(fresh))
+            result.missing = [k for k in result.missing if k not in fresh]
 
     if result.dropped_classifier:
         _logger.warning('%s: not loading %s (the checkpoint\'s classifier has another class count); '
@@ -193,13 +221,14 @@ def _describe_mismatch(model: nn.Module, state_dict: dict) -> str:
     return f'\n  The checkpoint looks like {looks_like}; you asked for {asked}.'
 
 
-def read_state_dict(checkpoint: str | os.PathLike | Mapping[str, Any], use_ema: bool = False, part: str = 'Student'
-                    ) -> tuple[dict[str, torch.Tensor], str]:
+def read_state_dict(checkpoint: str | os.PathLike | Mapping[str, Any], use_ema: bool = False, part: str = 'Student',
+                    ssl_part: str = 'teacher') -> tuple[dict[str, torch.Tensor], str]:
     """The state dict in a file or loaded object, in PyTorch conventions, and a name for it in messages
-    (`part`: which model of a distillation checkpoint)."""
+    (`part`: which model of a distillation checkpoint; `ssl_part`: which network of a DINO one)."""
     if isinstance(checkpoint, (str, os.PathLike)):
-        return extract_state_dict(read_checkpoint(checkpoint), use_ema, str(checkpoint), part), str(checkpoint)
-    return extract_state_dict(checkpoint, use_ema, 'state dict', part), 'state dict'
+        return (extract_state_dict(read_checkpoint(checkpoint), use_ema, str(checkpoint), part, ssl_part),
+                str(checkpoint))
+    return extract_state_dict(checkpoint, use_ema, 'state dict', part, ssl_part), 'state dict'
 
 
 def load_checkpoint(model: nn.Module, checkpoint: str | os.PathLike | Mapping[str, Any], strict: bool = True,

@@ -724,11 +724,14 @@ _XCIT_SIZES = {
 }
 # PASSL published its own distilled run for this one model only
 _PASSL_DIST = {'xcit_nano_12_p8_224'}
+# facebookresearch/dino's self-supervised backbones (the teacher, without a classifier)
+_DINO = {'xcit_small_12_p16_224', 'xcit_small_12_p8_224', 'xcit_medium_24_p16_224', 'xcit_medium_24_p8_224'}
+_DINO_URL = 'https://dl.fbaipublicfiles.com/dino/dino_{0}_pretrain/dino_{0}_pretrain.pth'
 
 
 def _cfg(url: str, resolution: int, **kwargs) -> dict:
     return shared_cfg(url=url, input_size=(3, resolution, resolution), crop_pct=1.0, first_conv='patch_embed.proj.0.0',
-                      license='apache-2.0', paper_ids='arXiv:2106.09681', **kwargs)
+                      license='apache-2.0', paper_ids='arXiv:2106.09681') | kwargs
 
 
 def _xcit_cfgs(name: str, resolution: int) -> dict[str, dict]:
@@ -742,6 +745,9 @@ def _xcit_cfgs(name: str, resolution: int) -> dict[str, dict]:
         cfgs['passl_in1k'] = _cfg(_PASSL_URL.format(name), resolution, **passl)
     if name in _PASSL_DIST:
         cfgs['passl_dist_in1k'] = _cfg(_PASSL_URL.format(name + '_dist'), resolution, **passl)
+    if name in _DINO:
+        cfgs['dino'] = _cfg(_DINO_URL.format(name.removesuffix('_224')), resolution, num_classes=0,
+                            origin_url='https://github.com/facebookresearch/dino', paper_ids='arXiv:2104.14294')
     return cfgs
 
 
