@@ -188,3 +188,14 @@ def test_the_published_dino_backbones_are_tags_that_load_without_a_classifier(tm
     model = xcit.create_model('xcit_small_12_p16_224.dino', pretrained=True, depth=1)
     assert model.num_classes == 0
     assert all(torch.equal(model.state_dict()[k], v) for k, v in backbone.state_dict().items())
+
+
+def test_bad_dino_settings_are_one_line_and_exit_2(tmp_path, capsys):
+    from conftest import cli, tiny_run_config
+    config = tiny_run_config(tmp_path, task='dino', **{'data.dataset': 'digit_views'})
+    for override, needle in (('data.digits_size=8', 'digit_views: size must be 16 to 1024 pixels, not 8'),
+                             ('dino.local_crops_scale=[0.5, 0.1]', 'local_crops_scale must be (min, max)'),
+                             ('dino.blur_radius=[2, 1]', 'blur_radius must be (min, max)')):
+        code, _, err = cli(capsys, 'train', '-c', config, '-o', override)
+        assert code == 2 and len(err) == 1 and needle in err[0] and 'Traceback' not in err[0], err
+    assert not (tmp_path / 'runs').exists()
