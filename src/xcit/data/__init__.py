@@ -11,7 +11,8 @@ from ..registry import IMAGENET_MEAN, IMAGENET_STD
 from .datasets import DigitsSource, SampleSource, TransformedDataset, collate, image_folder, label_list
 from .samplers import ShardSampler, TrainSampler
 
-__all__ = ['DataBundle', 'EpochLoader', 'build_data', 'build_eval_loader', 'build_eval_transform', 'build_mixup', 'build_source', 'build_train_transform']
+__all__ = ['DataBundle', 'EpochLoader', 'build_data', 'build_eval_loader', 'build_eval_transform', 'build_mixup', 'build_source', 'build_train_transform',
+           'input_spec']
 
 
 def build_source(config: Config, split: str) -> SampleSource:
@@ -29,7 +30,7 @@ def build_source(config: Config, split: str) -> SampleSource:
     return label_list(data.root, name)
 
 
-def _input_spec(config: Config, model_cfg: dict) -> dict:
+def input_spec(config: Config, model_cfg: dict) -> dict:
     """Size, interpolation, crop and normalisation: the config's, else the model's pretrained cfg."""
     data = config.data
     return dict(
@@ -44,7 +45,7 @@ def _input_spec(config: Config, model_cfg: dict) -> dict:
 
 def build_train_transform(config: Config, model_cfg: dict):
     from timm.data import create_transform
-    spec, aug = _input_spec(config, model_cfg), config.augment
+    spec, aug = input_spec(config, model_cfg), config.augment
     return create_transform(
         spec['size'], is_training=True, scale=aug.scale, ratio=aug.ratio, hflip=aug.hflip,
         color_jitter=aug.color_jitter or 0.0, auto_augment=aug.auto_augment, interpolation=spec['interpolation'],
@@ -57,7 +58,7 @@ def build_eval_transform(config: Config, model_cfg: dict):
     Models whose cfg says `crop_mode: squash` (CvT at 384) are resized to size x size instead, as evaluated.
     """
     from timm.data import create_transform
-    spec = _input_spec(config, model_cfg)
+    spec = input_spec(config, model_cfg)
     return create_transform(spec['size'], is_training=False, interpolation=spec['interpolation'],
                             crop_pct=spec['crop_pct'], crop_mode=spec['crop_mode'], mean=spec['mean'], std=spec['std'])
 
@@ -113,16 +114,15 @@ def build_eval_loader(config: Config, model_cfg: dict, source: SampleSource, ran
 
 
 def build_data(config: Config, model_cfg: dict, train_source: SampleSource | None, val_source: SampleSource,
-               rank: int = 0, world_size: int = 1, pin_memory: bool = False, train_transform=None,
-               train_collate=collate) -> DataBundle:
+               rank: int = 0, world_size: int = 1, pin_memory: bool = False, train_transform=None) -> DataBundle:
     """Loaders for training (sharded, shuffled, resumable; none without a source) and evaluation (sharded, exact).
 
-    `train_transform` (default: the classification augmentation) and `train_collate` let a task (DINO's
-    multi-crop) shape its training samples.
+    `train_transform` (default: the classification augmentation) lets a task shape its training samples
+    (DINO's multi-crop).
     """
     data = config.data
     # a generator of the loader's own: workers' base seeds then leave the global generator alone
-    common = dict(num_workers=data.num_workers, collate_fn=train_collate, pin_memory=pin_memory,
+    common = dict(num_workers=data.num_workers, collate_fn=collate, pin_memory=pin_memory,
                   generator=torch.Generator().manual_seed(config.seed))
     val = build_eval_loader(config, model_cfg, val_source, rank, world_size, pin_memory)
     if train_source is None:

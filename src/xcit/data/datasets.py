@@ -228,17 +228,21 @@ class TransformedDataset(torch.utils.data.Dataset):
 
 
 class Batch(NamedTuple):
-    images: torch.Tensor  # (B, 3, H, W)
+    images: torch.Tensor | list[torch.Tensor]  # (B, 3, H, W); multi-crop samples: one (B, 3, h, w) per crop
     targets: torch.Tensor  # (B,)
     unreadable: list[str]  # the samples left out: the engine counts and lists them
 
 
 def collate(batch) -> Batch:
-    """Stack the readable samples; report the unreadable ones alongside."""
+    """Stack the readable samples (crop by crop where a transform gave each a list of crops); report the
+    unreadable ones alongside."""
     skipped = [path for _, _, paths in batch for path in paths]
     kept = [(image, target) for image, target, _ in batch if image is not None]
     if not kept:
         return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), skipped)
-    images = torch.stack([image for image, _ in kept])
+    if isinstance(kept[0][0], list):
+        images = [torch.stack(crops) for crops in zip(*(image for image, _ in kept))]
+    else:
+        images = torch.stack([image for image, _ in kept])
     targets = torch.tensor([target for _, target in kept], dtype=torch.long)
     return Batch(images, targets, skipped)

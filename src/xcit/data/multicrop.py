@@ -1,4 +1,4 @@
-"""DINO's multi-crop augmentation: two global crops and N local ones of each image, and their batches.
+"""DINO's multi-crop augmentation: two global crops and N local ones of each image (`collate` stacks them crop by crop).
 
 The recipe of facebookresearch/dino's DataAugmentationDINO, through torchvision: random
 resized crops (global scale 0.4-1, local 0.05-0.4), flip, colour jitter (0.4, 0.4, 0.2, 0.1)
@@ -7,8 +7,6 @@ with p 0.8, grayscale with p 0.2, Gaussian blur (p 1.0 / 0.1 / 0.5 for global 1 
 generator, which the dataset seeds per (epoch, sample), so crops are reproducible.
 """
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 from PIL import Image, ImageFilter
@@ -48,17 +46,3 @@ class MultiCropTransform:
 
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
         return [self.global_1(image), self.global_2(image), *(self.local(image) for _ in range(self.local_crops))]
-
-
-class MultiCropBatch(NamedTuple):
-    crops: list[torch.Tensor]  # per crop: (B, 3, size, size), global crops first
-    targets: torch.Tensor  # (B,) labels, unused by DINO
-    unreadable: list[str]
-
-
-def multicrop_collate(batch) -> MultiCropBatch:
-    """Stack crop i of every sample into one tensor; report unreadable samples alongside."""
-    skipped = [path for _, _, paths in batch for path in paths]
-    kept = [(crops, target) for crops, target, _ in batch if crops is not None]
-    crops = [torch.stack(views) for views in zip(*(c for c, _ in kept))]
-    return MultiCropBatch(crops, torch.tensor([t for _, t in kept], dtype=torch.long), skipped)

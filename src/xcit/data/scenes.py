@@ -45,15 +45,10 @@ class DigitScenes(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def _generator(self, index: int) -> torch.Generator:
-        # a scene depends on (seed, split, index) only: not on workers, ranks, the order of reading or the process
-        state = np.random.SeedSequence([self.seed, ('train', 'val').index(self.split), index]).generate_state(2)
-        return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-
     def __getitem__(self, index: int):
         if not 0 <= index < self.length:
             raise IndexError(f'digit_scenes has {self.length} scenes, not index {index}')
-        g = self._generator(index)
+        g = item_generator(self.seed, self.split, index)
         rand = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
         randint = lambda low, high: int(torch.randint(low, high + 1, (1,), generator=g))  # noqa: E731
         H, W = randint(self.min_side, self.max_side), randint(self.min_side, self.max_side)
@@ -101,6 +96,13 @@ class DigitScenes(torch.utils.data.Dataset):
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target
+
+
+def item_generator(seed: int, split: str, index: int) -> torch.Generator:
+    """The generator that draws item `index` of a built-in split: a function of (seed, split, index) only, not of
+    workers, ranks, the order of reading or the process."""
+    state = np.random.SeedSequence([seed, ('train', 'val').index(split), index]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def masks_to_boxes(masks: torch.Tensor) -> torch.Tensor:

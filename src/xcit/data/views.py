@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .datasets import SampleSource, digits_split
-from .scenes import contrasting_colour, textured_background
+from .scenes import contrasting_colour, item_generator, textured_background
 
 
 class DigitViews(SampleSource):
@@ -41,8 +41,7 @@ class DigitViews(SampleSource):
         return f'digit_views[{self.split}][{index}]'
 
     def load(self, index: int) -> Image.Image:
-        state = np.random.SeedSequence([self.seed, ('train', 'val').index(self.split), index]).generate_state(2)
-        g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        g = item_generator(self.seed, self.split, index)
         uniform = lambda low, high: low + (high - low) * float(torch.rand(1, generator=g))  # noqa: E731
         S = self.size
         canvas = textured_background(S, S, g)  # (3, S, S)

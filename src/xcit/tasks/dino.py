@@ -14,12 +14,11 @@ import torch
 import torch.nn as nn
 
 from ..config import Config
-from ..data import build_data, build_eval_loader, build_source
-from ..data.multicrop import MultiCropTransform, multicrop_collate
+from ..data import build_data, build_eval_loader, build_source, input_spec
+from ..data.multicrop import MultiCropTransform
 from ..engine.distributed import DistEnv, all_gather_cat
 from ..engine.task import Task
 from ..factory import create_model
-from ..registry import IMAGENET_MEAN, IMAGENET_STD
 from ..ssl import DINOHead, DINOLoss, DINOModel, MultiCrop, cosine_ramp, teacher_temperature
 from ..ssl.knn import extract_features, knn_accuracy, linear_probe_accuracy
 
@@ -70,8 +69,7 @@ class DinoTask(Task):
         pin = env.device.type == 'cuda'
         transform = None if self.evaluate_only else self._transform(model_cfg)
         data = build_data(config, model_cfg, None if self.evaluate_only else self.train_source, self.val_source,
-                          env.rank, env.world_size, pin_memory=pin, train_transform=transform,
-                          train_collate=multicrop_collate)
+                          env.rank, env.world_size, pin_memory=pin, train_transform=transform)
         self.train_data, self.val_loader = data.train, data.val
         self.train_features_loader = build_eval_loader(config, model_cfg, self.train_source, env.rank,
                                                        env.world_size, pin)
@@ -81,12 +79,10 @@ class DinoTask(Task):
                 self.baselines['init'] = self._scores(self.model.teacher.backbone)
 
     def _transform(self, model_cfg: dict) -> MultiCropTransform:
-        config, d = self.config, self.config.dino
-        size = config.data.image_size or model_cfg.get('input_size', (3, 224, 224))[-1]
-        return MultiCropTransform(size, d.local_crops_size, d.local_crops_number, d.global_crops_scale,
-                                  d.local_crops_scale, mean=config.data.mean or model_cfg.get('mean', IMAGENET_MEAN),
-                                  std=config.data.std or model_cfg.get('std', IMAGENET_STD),
-                                  hflip=config.augment.hflip, blur_radius=d.blur_radius)
+        d, spec = self.config.dino, input_spec(self.config, model_cfg)
+        return MultiCropTransform(spec['size'], d.local_crops_size, d.local_crops_number, d.global_crops_scale,
+                                  d.local_crops_scale, mean=spec['mean'], std=spec['std'],
+                                  hflip=self.config.augment.hflip, blur_radius=d.blur_radius)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -94,7 +90,7 @@ class DinoTask(Task):
 
     def training_loss(self, model: nn.Module, batch) -> torch.Tensor:
         d = self.config.dino
-        crops = [c.to(self.env.device, non_blocking=True) for c in batch.crops]  # crops x (B, 3, S, S)
+        crops = [c.to(self.env.device, non_blocking=True) for c in batch.images]  # crops x (B, 3, S, S)
         student_out, teacher_out = model(crops)  # (crops x B, K), (2 x B, K)
         temp = teacher_temperature(self.step // self.steps_per_epoch, d.warmup_teacher_temp, d.teacher_temp,
                                    d.warmup_teacher_temp_epochs)
