@@ -479,3 +479,11 @@ def test_timing_a_new_shape_between_a_forward_and_its_backward_leaves_that_backw
     second = model(torch.randn(3, 3, 24, 24))  # a key no other test times: its probe runs here
     (first.sum() + second.sum()).backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_cpu_name_tells_generations_of_one_brand_apart(monkeypatch):
+    # Virtual machines report a bare 'AMD EPYC' for Zen 3 and Zen 5 alike; their timings must not share a cache key.
+    monkeypatch.setattr(fastpath, '_cpuinfo', lambda: {'model name': 'AMD EPYC', 'cpu family': '25', 'model': '1'})
+    zen3 = fastpath._machine()
+    monkeypatch.setattr(fastpath, '_cpuinfo', lambda: {'model name': 'AMD EPYC', 'cpu family': '26', 'model': '2'})
+    assert fastpath._machine() != zen3 and fastpath.cpu_name() == 'AMD EPYC (family 26, model 2)'

@@ -80,16 +80,29 @@ def best_of_alternating_ms(runs: Sequence[Run], rounds: int = 5) -> list[float]:
     return [t * 1e3 for t in best]
 
 
-def cpu_name() -> str:
-    """The CPU's model name as /proc/cpuinfo gives it (what every speed figure is labelled with)."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (empty where there is none)."""
+    info = {}
     try:
         with open('/proc/cpuinfo') as f:
             for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
+                if not line.strip():
+                    break
+                key, _, value = line.partition(':')
+                info[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return info
+
+
+def cpu_name() -> str:
+    """The CPU's model name, with its family and model numbers: virtual machines often report a
+    bare 'AMD EPYC' or 'Intel(R) Xeon(R) Processor' for generations that time very differently."""
+    info = _cpuinfo()
+    name = info.get('model name') or platform.processor() or platform.machine()
+    if 'cpu family' in info and 'model' in info:
+        name += f" (family {info['cpu family']}, model {info['model']})"
+    return name
 
 
 def _machine() -> str:
