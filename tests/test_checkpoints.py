@@ -157,6 +157,23 @@ def test_format_is_sniffed_not_guessed_from_the_extension(tmp_path, trained):
     assert_same_weights(model, trained)
 
 
+@pytest.mark.parametrize('header_bytes', [0x80, 0x8880])
+def test_a_safetensors_header_length_that_starts_like_a_pickle_is_still_safetensors(tmp_path, header_bytes):
+    """The first byte of a safetensors file is the low byte of its header length: 0x80 is also the pickle marker."""
+    from safetensors.torch import save_file
+    tensors = {'w': torch.arange(6.0).reshape(2, 3)}
+    path = tmp_path / 'weights.safetensors'
+    save_file(tensors, path, metadata={'pad': ''})
+    shortest = int.from_bytes(path.read_bytes()[:8], 'little')
+    for padding in range(header_bytes - shortest - 8, header_bytes - shortest + 1):  # the header padded to 8
+        save_file(tensors, path, metadata={'pad': 'x' * padding})
+        if int.from_bytes(path.read_bytes()[:8], 'little') == header_bytes:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert sniff_format(path) == 'safetensors'
+    assert torch.equal(read_checkpoint(path)['w'], tensors['w'])
+
+
 def test_pretrained_download_from_a_file_url(tmp_path, trained, monkeypatch):
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'hub'))
     published = tmp_path / 'published' / 'xcit_nano_12_p16_224.pth'

@@ -30,12 +30,15 @@ def sniff_format(path: str | os.PathLike) -> str:
     """'torch', 'torch-legacy', 'pickle', 'safetensors', or 'unknown', from the file's first bytes."""
     with open(path, 'rb') as f:
         head = f.read(16)
+        size = f.seek(0, os.SEEK_END)
     if head.startswith(b'PK\x03\x04'):
         return 'torch'
+    # safetensors: an 8-byte little-endian header length, then the JSON header; checked before the pickle
+    # marker, since a header length whose low byte is 0x80 starts the file as a pickle does
+    if len(head) >= 9 and head[8:9] == b'{' and int.from_bytes(head[:8], 'little') + 8 <= size:
+        return 'safetensors'
     if head[:1] == b'\x80':
         return 'torch-legacy' if head[2:14] == _LEGACY_TORCH_MAGIC else 'pickle'
-    if len(head) >= 9 and head[8:9] == b'{':
-        return 'safetensors'
     return 'unknown'
 
 
