@@ -199,3 +199,47 @@ def test_bad_dino_settings_are_one_line_and_exit_2(tmp_path, capsys):
         code, _, err = cli(capsys, 'train', '-c', config, '-o', override)
         assert code == 2 and len(err) == 1 and needle in err[0] and 'Traceback' not in err[0], err
     assert not (tmp_path / 'runs').exists()
+
+
+def test_convert_writes_the_chosen_backbone_of_a_dino_run_as_a_classifier_checkpoint(tmp_path, capsys):
+    from conftest import cli, perturb_
+    torch.manual_seed(0)
+    def multicrop():
+        backbone = xcit.create_model('xcit_nano_12_p16_224', num_classes=0)
+        return MultiCrop(backbone, DINOHead(backbone.num_features, 32, 64, 16))
+    model = DINOModel(multicrop(), multicrop())
+    perturb_(model.teacher, seed=4)  # teacher and student differ
+    run_checkpoint = tmp_path / 'last.pth'
+    torch.save({'format': 'xcit-train', 'model': model.state_dict()}, run_checkpoint)
+    for part, network in (('teacher', model.teacher), ('student', model.student)):
+        out = tmp_path / f'{part}.safetensors'
+        code, _, err = cli(capsys, 'convert', str(run_checkpoint), str(out), '--ssl-part', part)
+        assert code == 0, err
+        classifier = xcit.create_model('xcit_nano_12_p16_224', num_classes=10, checkpoint_path=out)
+        loaded = classifier.state_dict()
+        for key, value in network.backbone.state_dict().items():
+            assert torch.equal(loaded[key], value), (part, key)
+
+
+def test_eval_knn_mode_reads_out_any_weights_and_agrees_with_the_read_out_functions(tmp_path, capsys):
+    """`xcit eval --mode knn` on a classification config: the k-NN top-1 of the loaded backbone's features,
+    the number `extract_features` + `knn_accuracy` give on the same splits."""
+    from conftest import cli, perturb_, tiny_run_config
+    from xcit.config import load_config
+    from xcit.data import build_eval_loader, build_source
+    from xcit.ssl.knn import extract_features
+    torch.manual_seed(0)
+    backbone = perturb_(xcit.create_model('xcit_nano_12_p8_224', depth=1, num_classes=0), seed=5)
+    weights = tmp_path / 'backbone.pth'
+    torch.save(backbone.state_dict(), weights)
+    config_path = tiny_run_config(tmp_path, **{'model.kwargs': {'depth': 1}})
+    code, out, err = cli(capsys, 'eval', '-c', config_path, '--load', str(weights), '--mode', 'knn')
+    assert code == 0, err
+    line = next(x for x in out if x.startswith('final evaluation: k-NN top-1: these weights '))
+    reported = float(line.split('these weights ')[1].split('%')[0])
+    config = load_config(config_path)
+    features = [extract_features(backbone, build_eval_loader(config, backbone.pretrained_cfg,
+                                                             build_source(config, split), 0, 1, False))
+                for split in ('train', 'val')]
+    assert reported == pytest.approx(knn_accuracy(*features[0], *features[1]), abs=0.05)
+    assert 'linear probe' not in line and 'raw pixels' in line

@@ -99,14 +99,15 @@ def _build_timm_model(model_name: str, num_classes: int | None):
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, model_name: str | None = None,
-                       to: str | None = None, use_ema: bool = False, allow_nonfinite: bool = False
-                       ) -> tuple[str, str]:
+                       to: str | None = None, use_ema: bool = False, allow_nonfinite: bool = False,
+                       ssl_part: str = 'teacher') -> tuple[str, str]:
     """Convert `src` (any readable format) to `dst`; returns (model name, written format).
 
     `model_name` may also be a timm model outside this package's families (a distillation
     teacher such as `regnety_160`): its weights are read through any adapter registered for
     it (PASSL's RegNet files) and written in timm's layout, the Teacher of a distillation
-    checkpoint being the part taken. Weights holding NaN or infinity are refused unless
+    checkpoint being the part taken. Of a DINO checkpoint (ours or facebookresearch/dino's)
+    `ssl_part`'s backbone is written, a classification-ready file. Weights holding NaN or infinity are refused unless
     `allow_nonfinite`: a converted file should not pass a broken training run on as a usable one.
     """
     fmt = format_for_path(dst, to)
@@ -114,7 +115,8 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, model_nam
     foreign = model_name is not None and not is_model(model_name)
     if foreign and fmt in ('passl', 'paddle'):
         raise ValueError(f'{model_name} is a timm model: it is written in timm\'s layout (--to timm), not Paddle\'s')
-    state_dict, label = read_state_dict(src, use_ema, part='Teacher' if foreign else 'Student')
+    state_dict, label = read_state_dict(src, use_ema, part='Teacher' if foreign else 'Student',
+                                        ssl_part=ssl_part)
     nonfinite = nonfinite_tensors(state_dict)
     if nonfinite and not allow_nonfinite:
         raise CheckpointError(f'{label}: {describe_nonfinite(nonfinite)}; '

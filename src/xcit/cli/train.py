@@ -2,7 +2,9 @@
 
 Several -c files layer left to right (e.g. a model config, then a recipe);
 -o key.path=value overrides any key. Launch with `torchrun --nproc_per_node N`
-to train on N processes.
+to train on N processes. `xcit eval --mode knn|probe` reads out the frozen
+backbone of any weights (a classifier, a DINO run, a .dino tag's file) on the
+config's labelled train/val data: DINO's weighted k-NN, or a linear probe.
 """
 from __future__ import annotations
 
@@ -32,6 +34,10 @@ def add_parser(sub) -> None:
     e = sub.add_parser('eval', help='evaluate weights on the configured validation set', description=__doc__)
     _common(e)
     e.add_argument('--load', metavar='WEIGHTS', required=True, help='weights to evaluate (any supported format)')
+    e.add_argument('--mode', choices=('task', 'knn', 'probe'), default='task', help=(
+        "task: the config task's own metric (default); knn: weighted k-NN top-1 of the frozen backbone's "
+        "features (dino.knn_k, dino.knn_temperature); probe: the k-NN and a linear probe on those features"))
+    e.add_argument('--probe-epochs', type=int, default=100, metavar='N', help='--mode probe: epochs of the probe')
     e.set_defaults(run=run_eval, resume=None, evaluate_only=True)
 
 
@@ -53,4 +59,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    if args.mode != 'task':  # the dino task's read-outs, on whatever backbone the weights hold
+        if not 1 <= args.probe_epochs <= 10_000:
+            raise ValueError(f'--probe-epochs must be 1 to 10000, not {args.probe_epochs}')
+        epochs = args.probe_epochs if args.mode == 'probe' else 0
+        args.override = [*args.override, 'task=dino', f'dino.probe_epochs={epochs}']
     return run_train(args)

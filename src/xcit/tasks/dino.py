@@ -129,13 +129,14 @@ class DinoTask(Task):
         return scores
 
     def summary(self, metrics: dict) -> str:
-        line = f"k-NN top-1: pretrained {metrics['knn_top1']:.1f}%"
+        these = 'pretrained' if 'init_knn_top1' in metrics else 'these weights'  # `xcit eval` has no init
+        line = f"k-NN top-1: {these} {metrics['knn_top1']:.1f}%"
         if 'init_knn_top1' in metrics:
             line += f", random init {metrics['init_knn_top1']:.1f}%"
         if 'pixels_knn_top1' in metrics:
             line += f", raw pixels {metrics['pixels_knn_top1']:.1f}%"
         if 'probe_top1' in metrics:
-            line += f"; linear probe: pretrained {metrics['probe_top1']:.1f}%"
+            line += f"; linear probe: {these} {metrics['probe_top1']:.1f}%"
             if 'init_probe_top1' in metrics:
                 line += f", random init {metrics['init_probe_top1']:.1f}%"
         return line + f" ({metrics['count']} val images)"
