@@ -49,6 +49,7 @@ class Result:
     param_count_m: float
     gmacs: float  # per image, forward
     device: str
+    round_medians_ms: list[float] | None = None  # one per alternating round, in order
 
 
 def _compile(model: nn.Module) -> nn.Module:
@@ -251,7 +252,7 @@ def compare(name: str, impls: Sequence[str] = ('xcit', 'timm'), modes: Sequence[
                 samples_per_sec=round(batch_size / median * 1e3, 2), step_time_ms=round(median, 2),
                 step_time_spread_ms=round((max(per_round[impl]) - min(per_round[impl])) / 2, 2),
                 peak_mb=None if peak is None else round(peak, 1), param_count_m=round(params, 3),
-                gmacs=round(gmacs, 3), device=device))
+                gmacs=round(gmacs, 3), device=device, round_medians_ms=[round(t, 3) for t in per_round[impl]]))
         del steps
     return results
 
@@ -265,11 +266,21 @@ def ratios(results: Sequence[Result], reference: str = 'timm') -> list[dict]:
             continue
         rows.append(dict(model=r.model, mode=r.mode, impl=r.impl,
                          speedup=round(r.samples_per_sec / base.samples_per_sec, 3),
-                         speedup_range=(round(base.step_time_ms / (r.step_time_ms + r.step_time_spread_ms), 3),
-                                        round(base.step_time_ms / max(r.step_time_ms - r.step_time_spread_ms, 1e-9), 3)),
+                         speedup_range=_round_ratio_range(base, r),
                          memory_ratio=(round(r.peak_mb / base.peak_mb, 3)
                                        if r.peak_mb is not None and base.peak_mb else None)))
     return rows
+
+
+def _round_ratio_range(base: Result, r: Result) -> tuple[float, float]:
+    """The lowest and highest of the per-round throughput ratios: the rounds ran in turns, so round i of
+    both shares the machine's state of that moment."""
+    if base.round_medians_ms and r.round_medians_ms and len(base.round_medians_ms) == len(r.round_medians_ms):
+        per_round = [b / t for b, t in zip(base.round_medians_ms, r.round_medians_ms)]
+    else:  # separate runs: the medians' spreads
+        per_round = [base.step_time_ms / (r.step_time_ms + r.step_time_spread_ms),
+                     base.step_time_ms / max(r.step_time_ms - r.step_time_spread_ms, 1e-9)]
+    return round(min(per_round), 3), round(max(per_round), 3)
 
 
 def timm_rows(results: Sequence[Result]) -> list[dict]:
