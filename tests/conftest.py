@@ -100,3 +100,44 @@ def tiny_run_config(tmp_path: Path, **overrides) -> Path:
     path = tmp_path / 'tiny.yaml'
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def sigkill_then_resume(tmp_path: Path, config: Path) -> tuple[dict, dict]:
+    """Run `config` to the end ('reference'), run it again ('killed') and SIGKILL it early in its second
+    and last epoch, resume that from its last.pth; assert the two end with the same model bit for bit and
+    the interrupted epoch logged once. Returns both final checkpoints."""
+    import json
+    import signal
+    import time
+    reference = run_cli('train', '-c', config, '-o', 'experiment=reference')
+    assert reference.returncode == 0, reference.stderr
+    cmd = [sys.executable, '-m', 'xcit.cli.main', 'train', '-c', str(config), '-o', 'experiment=killed']
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = tmp_path / 'runs' / 'killed' / 'last.pth'
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if last.exists():
+                state = torch.load(last, weights_only=True)
+                # early in the second (last) epoch: the end of the epoch (the next unconditional save) is far off
+                if state['epoch'] == 1 and 0 < state['batch_in_epoch'] <= 25:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.02)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed mid-epoch'
+    interrupted = torch.load(last, weights_only=True)
+    assert interrupted['epoch'] == 1 and interrupted['batch_in_epoch'] > 0
+    assert interrupted['fast_paths'] and all(d['path'] in d['times_ms'] for d in interrupted['fast_paths'].values())
+
+    resumed = run_cli('train', '-c', config, '--resume', last)
+    assert resumed.returncode == 0, resumed.stderr
+    expected = torch.load(tmp_path / 'runs' / 'reference' / 'last.pth', weights_only=True)
+    actual = torch.load(last, weights_only=True)
+    assert expected['model'].keys() == actual['model'].keys()
+    for key in expected['model']:
+        assert torch.equal(expected['model'][key], actual['model'][key]), key
+    rows = [json.loads(line) for line in (last.parent / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['epoch'] for r in rows] == [0, 1]  # the interrupted epoch is logged once
+    return expected, actual

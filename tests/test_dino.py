@@ -1,9 +1,12 @@
 """DINO's pieces against direct formulations: the loss, the teacher's EMA, multi-crop, the k-NN read-out."""
 import math
+import os
+import socket
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import xcit
@@ -243,3 +246,60 @@ def test_eval_knn_mode_reads_out_any_weights_and_agrees_with_the_read_out_functi
                 for split in ('train', 'val')]
     assert reported == pytest.approx(knn_accuracy(*features[0], *features[1]), abs=0.05)
     assert 'linear probe' not in line and 'raw pixels' in line
+
+
+def _global_batch(crops=4, batch=6, out_dim=16):
+    """Student (crops x batch, K) and teacher (2 x batch, K) logits of one global batch, crop-major."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(crops * batch, out_dim, generator=g) * 3, torch.randn(2 * batch, out_dim, generator=g) * 3
+
+
+def _shard(logits, crops, rank, world):
+    """Rank `rank`'s rows: its share of the batch within every crop, still crop-major."""
+    return torch.cat([chunk.chunk(world)[rank] for chunk in logits.chunk(crops)])
+
+
+def _loss_rank(rank, port, out):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=2)
+    student, teacher = _global_batch()
+    loss = DINOLoss(16, crops=4)
+    loss.center.fill_(0.25)
+    value = loss(_shard(student, 4, rank, 2), _shard(teacher, 2, rank, 2), teacher_temp=0.05)
+    dist.all_reduce(mean := value.detach().clone())  # what DDP's gradient averaging optimises: the ranks' mean
+    torch.save(dict(loss=mean / 2, center=loss.center), os.path.join(out, f'{rank}.pt'))
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_give_the_loss_and_centre_of_one_process_on_the_same_global_batch(tmp_path):
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    mp.spawn(_loss_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    student, teacher = _global_batch()
+    single = DINOLoss(16, crops=4)
+    single.center.fill_(0.25)
+    expected = single(student, teacher, teacher_temp=0.05)
+    assert not torch.allclose(single.center, torch.full_like(single.center, 0.25))  # the centre did move
+    for rank in range(2):
+        got = torch.load(tmp_path / f'{rank}.pt')
+        torch.testing.assert_close(got['loss'], expected.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got['center'], single.center, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_a_dino_run_killed_mid_epoch_resumes_bit_exactly(tmp_path, monkeypatch):
+    """Student, teacher, the loss centre and the step survive SIGKILL: the resumed run ends where an
+    uninterrupted one does, bit for bit."""
+    from conftest import sigkill_then_resume, tiny_run_config
+    monkeypatch.setenv('XCIT_FAST_PATH_CACHE', str(tmp_path / 'fast_paths.json'))
+    config = tiny_run_config(tmp_path, **{
+        'task': 'dino', 'model.kwargs': {'depth': 1}, 'data.dataset': 'digit_views', 'data.digits_size': 16,
+        'data.image_size': 16, 'schedule.epochs': 2, 'train.checkpoint_interval': 5,
+        'optim.weight_decay_end': 0.4, 'optim.clip_grad': 3.0, 'optim.clip_mode': 'per_parameter',
+        'dino': {'out_dim': 32, 'hidden_dim': 32, 'bottleneck_dim': 16, 'local_crops_number': 1,
+                 'local_crops_size': 8, 'blur_radius': [0.1, 0.5], 'knn_k': 5}})
+    expected, actual = sigkill_then_resume(tmp_path, config)
+    assert torch.equal(expected['task']['center'], actual['task']['center'])
+    assert expected['task']['step'] == actual['task']['step'] == expected['step']

@@ -2,17 +2,14 @@
 import hashlib
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import cli, run_cli, tiny_run_config
+from conftest import cli, run_cli, sigkill_then_resume, tiny_run_config
 from xcit.config import load_config
 from xcit.data.datasets import DigitsSource
 from xcit.tasks import run
@@ -71,45 +68,11 @@ def test_predict_names_the_class(finished, tmp_path):
                    tmp_path / 'missing.png').returncode == 2
 
 
-def _model_state(path):
-    return torch.load(path, weights_only=True)['model']
-
-
 def test_resume_after_sigkill_is_bit_exact(tmp_path, monkeypatch):
     # the reference run and the killed one take the same fast paths (the resumed one takes the checkpoint's)
     monkeypatch.setenv('XCIT_FAST_PATH_CACHE', str(tmp_path / 'fast_paths.json'))
     config = tiny_run_config(tmp_path, **{'schedule.epochs': 2, 'train.checkpoint_interval': 5})
-    reference = run_cli('train', '-c', config, '-o', 'experiment=reference')
-    assert reference.returncode == 0, reference.stderr
-
-    cmd = [sys.executable, '-m', 'xcit.cli.main', 'train', '-c', str(config), '-o', 'experiment=killed']
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = tmp_path / 'runs' / 'killed' / 'last.pth'
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            if last.exists():
-                state = torch.load(last, weights_only=True)
-                # early in the second (last) epoch: the end of the epoch (the next unconditional save) is far off
-                if state['epoch'] == 1 and 0 < state['batch_in_epoch'] <= 25:
-                    proc.send_signal(signal.SIGKILL)
-                    break
-            time.sleep(0.02)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed mid-epoch'
-    interrupted = torch.load(last, weights_only=True)
-    assert interrupted['epoch'] == 1 and interrupted['batch_in_epoch'] > 0
-    assert interrupted['fast_paths'] and all(d['path'] in d['times_ms'] for d in interrupted['fast_paths'].values())
-
-    resumed = run_cli('train', '-c', config, '--resume', last)
-    assert resumed.returncode == 0, resumed.stderr
-    expected, actual = _model_state(tmp_path / 'runs' / 'reference' / 'last.pth'), _model_state(last)
-    assert expected.keys() == actual.keys()
-    for key in expected:
-        assert torch.equal(expected[key], actual[key]), key
-    rows = [json.loads(line) for line in (last.parent / 'metrics.jsonl').read_text().splitlines()]
-    assert [r['epoch'] for r in rows] == [0, 1]  # the interrupted epoch is logged once
+    sigkill_then_resume(tmp_path, config)
 
 
 def _copy_of_last(finished, tmp_path):

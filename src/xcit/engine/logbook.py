@@ -91,7 +91,8 @@ def epoch_line(row: dict, epochs: int) -> str:
 
 
 def plot_curves(rows: list[dict], path: Path, metric: str) -> Path | None:
-    """Losses, and the task's evaluation metric (and its EMA's), against epochs."""
+    """Losses, and the task's evaluation metric (and its EMA's), against epochs; baselines a task records
+    beside its metric (`eval_<name>_<metric>`: DINO's random init and raw pixels) as dashed lines."""
     if not rows:
         return None
     import matplotlib
@@ -105,6 +106,13 @@ def plot_curves(rows: list[dict], path: Path, metric: str) -> Path | None:
             if points:
                 ax.plot(*zip(*points), marker='o' if key.startswith(('train', 'eval')) else '.',
                         label=key.replace('_', ' '))
+        if ax is ax_metric:
+            suffix = f'_{metric}'
+            baselines = {k: v for r in rows for k, v in r.items() if k.startswith('eval_') and k.endswith(suffix)
+                         and k not in keys and isinstance(v, (int, float))}
+            for key, value in sorted(baselines.items()):
+                ax.axhline(value, linestyle='--', color='gray' if 'init' in key else 'tab:red', alpha=0.8,
+                           label=f"{key[len('eval_'):-len(suffix)].replace('_', ' ')} ({value:.1f})")
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend()
