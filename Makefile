@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Re-install when the package metadata changes; the stamp is how make knows.
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo demo-dense bench clean
+.PHONY: setup test demo demo-dense demo-ssl bench clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,17 @@ demo-dense: $(STAMP)
 	test -f runs/digits_xcit/best.pth || $(BIN)/xcit train -c configs/demo/digits_xcit.yaml -o experiment=digits_xcit
 	$(BIN)/xcit train -c configs/demo/scenes_maskrcnn.yaml
 	$(BIN)/xcit train -c configs/demo/scenes_semfpn.yaml
+
+# DINO on the built-in digit_views without their labels; ends with the k-NN line (pretrained, random init,
+# raw pixels) and draws the curve (runs/digits_dino/curves.png) and the teacher's attention on a few views.
+demo-ssl: $(STAMP)
+	set -e; out=$$($(BIN)/xcit train -c configs/demo/digits_dino.yaml | tee /dev/stderr); \
+	run=$$(printf '%s\n' "$$out" | sed -n 's/^run folder: //p' | tail -n 1); \
+	test -n "$$run" || { echo 'demo-ssl: the pretraining did not finish' >&2; exit 1; }; \
+	$(BIN)/python -c "import sys; from xcit.data.views import DigitViews; v = DigitViews('val', 64); \
+		[v.load(i).save(f'{sys.argv[1]}/view_{i}.png') for i in range(4)]" "$$run"; \
+	$(BIN)/xcit attention "$$run"/view_*.png --model xcit_nano_12_p8_224 --checkpoint "$$run/last.pth" \
+		--image-size 64 --out "$$run/attention"
 
 bench: $(STAMP)
 	$(BIN)/xcit bench -m xcit_nano_12_p16_224 --resolutions 224,384,512,768,1024 \
