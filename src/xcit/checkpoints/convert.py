@@ -107,8 +107,9 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, model_nam
     teacher such as `regnety_160`): its weights are read through any adapter registered for
     it (PASSL's RegNet files) and written in timm's layout, the Teacher of a distillation
     checkpoint being the part taken. Of a DINO checkpoint (ours or facebookresearch/dino's)
-    `ssl_part`'s backbone is written, a classification-ready file. Weights holding NaN or infinity are refused unless
-    `allow_nonfinite`: a converted file should not pass a broken training run on as a usable one.
+    `ssl_part`'s backbone is written, a classification-ready file. Weights holding NaN or
+    infinity are refused unless `allow_nonfinite`: a converted file should not pass a broken
+    training run on as a usable one.
     """
     fmt = format_for_path(dst, to)
     _refuse_overwriting_source(src, dst)
