@@ -1,6 +1,9 @@
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,9 +109,6 @@ def sigkill_then_resume(tmp_path: Path, config: Path) -> tuple[dict, dict]:
     """Run `config` to the end ('reference'), run it again ('killed') and SIGKILL it early in its second
     and last epoch, resume that from its last.pth; assert the two end with the same model bit for bit and
     the interrupted epoch logged once. Returns both final checkpoints."""
-    import json
-    import signal
-    import time
     reference = run_cli('train', '-c', config, '-o', 'experiment=reference')
     assert reference.returncode == 0, reference.stderr
     cmd = [sys.executable, '-m', 'xcit.cli.main', 'train', '-c', str(config), '-o', 'experiment=killed']

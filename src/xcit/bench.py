@@ -273,13 +273,9 @@ def ratios(results: Sequence[Result], reference: str = 'timm') -> list[dict]:
 
 
 def _round_ratio_range(base: Result, r: Result) -> tuple[float, float]:
-    """The lowest and highest of the per-round throughput ratios: the rounds ran in turns, so round i of
-    both shares the machine's state of that moment."""
-    if base.round_medians_ms and r.round_medians_ms and len(base.round_medians_ms) == len(r.round_medians_ms):
-        per_round = [b / t for b, t in zip(base.round_medians_ms, r.round_medians_ms)]
-    else:  # separate runs: the medians' spreads
-        per_round = [base.step_time_ms / (r.step_time_ms + r.step_time_spread_ms),
-                     base.step_time_ms / max(r.step_time_ms - r.step_time_spread_ms, 1e-9)]
+    """The lowest and highest of the per-round throughput ratios of one `compare` run: the rounds ran in
+    turns, so round i of both shares the machine's state of that moment."""
+    per_round = [b / t for b, t in zip(base.round_medians_ms, r.round_medians_ms, strict=True)]
     return round(min(per_round), 3), round(max(per_round), 3)
 
 
