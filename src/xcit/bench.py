@@ -14,6 +14,7 @@ Columns follow timm's benchmark.py (`infer_samples_per_sec`, `infer_step_time`,
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
@@ -86,37 +87,79 @@ def build_model(name: str, impl: str, img_size: int, device: str = 'cpu') -> nn.
     return _compile(model) if impl == 'timm-compiled' else model
 
 
-def make_step(model: nn.Module, mode: str, batch_size: int, img_size: int, device: str) -> Callable[[], None]:
+def make_step(model: nn.Module, mode: str, batch_size: int, img_size: int, device: str,
+              autocast: torch.dtype | None = None, channels_last: bool = False,
+              optimizer: str = 'sgd') -> Callable[[], None]:
+    """One inference or training step of `model` on a fixed random batch.
+
+    `autocast`: run the forward (and the loss) under torch.autocast in that dtype, the weights staying float32.
+    `channels_last`: the model's 4-D weights and the images in that memory format.
+    `optimizer`: 'sgd' (timm benchmark.py's step) or 'adamw'.
+    """
+    if optimizer not in ('sgd', 'adamw'):
+        raise ValueError(f"optimizer must be 'sgd' or 'adamw', not {optimizer!r}")
     x = torch.randn(batch_size, 3, img_size, img_size, device=device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def precision():
+        if autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(device).type, dtype=autocast)
     if mode == 'infer':
         model.eval()
 
         def step():
-            with torch.inference_mode():
+            with torch.inference_mode(), precision():
                 model(x)
         return step
     model.train()
     num_classes = 1000
     targets = torch.randint(0, num_classes, (batch_size,), device=device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-6)
+    if optimizer == 'adamw':
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=1e-6)
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), targets).backward()
-        optimizer.step()
+        opt.zero_grad(set_to_none=True)
+        with precision():
+            loss = F.cross_entropy(model(x), targets)
+        loss.backward()
+        opt.step()
     return step
 
 
 def _timed(step: Callable[[], None], iters: int, device: str) -> list[float]:
+    """Milliseconds of each of `iters` calls of `step`. On CUDA, between events recorded on the stream around
+    each call, waited for once at the end: the host queues steps ahead as it would in training, and a step
+    bound by its kernel launches still shows the device idling between them."""
+    if device.startswith('cuda'):
+        torch.cuda.synchronize()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) for start, end in events]
     times = []
     for _ in range(iters):
-        if device.startswith('cuda'):
-            torch.cuda.synchronize()
         start = time.perf_counter()
         step()
-        if device.startswith('cuda'):
-            torch.cuda.synchronize()
         times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def timed_in_turns(steps: dict[str, Callable[[], None]], rounds: int, iters: int,
+                   device: str) -> dict[str, list[list[float]]]:
+    """Each step's times (ms), round by round: in every round each step runs `iters` times, one after the
+    other, so that a slow spell of the machine hits them all alike."""
+    times: dict[str, list[list[float]]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(_timed(step, iters, device))
     return times
 
 
@@ -237,13 +280,9 @@ def compare(name: str, impls: Sequence[str] = ('xcit', 'timm'), modes: Sequence[
             torch.manual_seed(0)
             steps[impl] = make_step(build_model(name, impl, img_size, device), mode, batch_size, img_size, device)
             _timed(steps[impl], warmup, device)
-        per_round: dict[str, list[float]] = {impl: [] for impl in steps}
-        every: dict[str, list[float]] = {impl: [] for impl in steps}
-        for _ in range(rounds):
-            for impl, step in steps.items():
-                times = _timed(step, iters, device)
-                per_round[impl].append(statistics.median(times))
-                every[impl].extend(times)
+        times = timed_in_turns(steps, rounds, iters, device)
+        per_round = {impl: [statistics.median(r) for r in runs] for impl, runs in times.items()}
+        every = {impl: [t for r in runs for t in r] for impl, runs in times.items()}
         for impl in steps:
             median = statistics.median(every[impl])
             peak = peak_memory_mb(name, impl, mode, batch_size, img_size, device) if memory else None
@@ -366,11 +405,15 @@ def plot_sweep(results: Sequence[Result], path) -> None:
 
 def environment() -> dict:
     """What produced a measurement: enough to tell whether two are comparable."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
     from .models import default_fast_path
     from .models.fastpath import cpu_name
     from .models.layers import onednn_linear_works
-    info = dict(xcit=version('xcit'), torch=torch.__version__, python=platform.python_version(),
+    try:
+        ours = version('xcit')
+    except PackageNotFoundError:  # run from a source tree (PYTHONPATH=src) without installing it
+        ours = 'not installed'
+    info = dict(xcit=ours, torch=torch.__version__, python=platform.python_version(),
                 machine=platform.machine(), processor=cpu_name(), cpu_count=os.cpu_count(),
                 torch_threads=torch.get_num_threads(), fast_path=default_fast_path(),
                 onednn_linear=onednn_linear_works(),
