@@ -281,19 +281,24 @@ def compare(name: str, impls: Sequence[str] = ('xcit', 'timm'), modes: Sequence[
             steps[impl] = make_step(build_model(name, impl, img_size, device), mode, batch_size, img_size, device)
             _timed(steps[impl], warmup, device)
         times = timed_in_turns(steps, rounds, iters, device)
-        per_round = {impl: [statistics.median(r) for r in runs] for impl, runs in times.items()}
-        every = {impl: [t for r in runs for t in r] for impl, runs in times.items()}
         for impl in steps:
-            median = statistics.median(every[impl])
             peak = peak_memory_mb(name, impl, mode, batch_size, img_size, device) if memory else None
-            results.append(Result(
-                name, impl, mode, batch_size, img_size, _tokens(name, img_size),
-                samples_per_sec=round(batch_size / median * 1e3, 2), step_time_ms=round(median, 2),
-                step_time_spread_ms=round((max(per_round[impl]) - min(per_round[impl])) / 2, 2),
-                peak_mb=None if peak is None else round(peak, 1), param_count_m=round(params, 3),
-                gmacs=round(gmacs, 3), device=device, round_medians_ms=[round(t, 3) for t in per_round[impl]]))
+            results.append(summarize(name, impl, mode, batch_size, img_size, times[impl], gmacs, params, device, peak))
         del steps
     return results
+
+
+def summarize(name: str, impl: str, mode: str, batch_size: int, img_size: int, rounds: Sequence[Sequence[float]],
+              gmacs: float, params: float, device: str, peak_mb: float | None = None) -> Result:
+    """A Result from the step times (ms) of each alternating round: the median over all of them, and the
+    spread and ratios over the rounds' medians."""
+    per_round = [statistics.median(r) for r in rounds]
+    median = statistics.median([t for r in rounds for t in r])
+    return Result(name, impl, mode, batch_size, img_size, _tokens(name, img_size),
+                  samples_per_sec=round(batch_size / median * 1e3, 2), step_time_ms=round(median, 3),
+                  step_time_spread_ms=round((max(per_round) - min(per_round)) / 2, 3),
+                  peak_mb=None if peak_mb is None else round(peak_mb, 1), param_count_m=round(params, 3),
+                  gmacs=round(gmacs, 3), device=device, round_medians_ms=[round(t, 3) for t in per_round])
 
 
 def ratios(results: Sequence[Result], reference: str = 'timm') -> list[dict]:
