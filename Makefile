@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # Re-install when the package metadata changes; the stamp is how make knows.
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo demo-dense demo-ssl bench clean
+.PHONY: setup test demo demo-dense demo-ssl bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,12 @@ bench: $(STAMP)
 	$(BIN)/xcit bench -m xcit_nano_12_p16_224 --resolutions 224,384,512,768,1024 \
 		--json bench-results/sweep.json --plot bench-results/sweep.png
 	$(BIN)/xcit bench -m xcit_nano_12_p16_224 -b 32 --compare timm --json bench-results/compare.json
+
+# The GPU run (BENCHMARKS.md, "GPU"): no venv, as on a machine that has torch and timm but no network;
+# the wheels in .whl, where there are any, are installed to a private folder first.
+GPU_OUT ?= benchmarks/results/h200
+bench-gpu:
+	bash benchmarks/gpu.sh $(GPU_OUT)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
