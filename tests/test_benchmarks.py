@@ -1,10 +1,14 @@
 """The scripts under benchmarks/ that produce BENCHMARKS.md's tables."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,3 +41,104 @@ def test_the_ratio_range_is_that_of_the_rounds_taken_in_turns():
     timm, ours = result('timm', [400.0, 410.0, 1200.0]), result('xcit', [300.0, 320.0, 900.0])
     (row,) = ratios([timm, ours])
     assert row['speedup_range'] == (round(410 / 320, 3), round(1200 / 900, 3))
+
+
+# --- benchmarks/gpu.py: what can be checked without a GPU ------------------------------------------------
+
+GPU_SCRIPT = REPO / 'benchmarks' / 'gpu.py'
+
+
+def _gpu_script():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('gpu_bench', GPU_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_gpu_script(*args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, GPU_SCRIPT, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_the_gpu_script_without_a_gpu_says_so_in_one_line_and_exits_2(tmp_path):
+    proc = _run_gpu_script('--out', tmp_path, env={'CUDA_VISIBLE_DEVICES': ''})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == '' and len(proc.stderr.strip().splitlines()) == 1
+    assert 'no CUDA GPU' in proc.stderr and not any(tmp_path.iterdir())
+
+
+def test_the_gpu_script_names_a_bad_stage_in_one_line(tmp_path):
+    proc = _run_gpu_script('--out', tmp_path, '--stages', 'compare,speed')
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        'gpu.py: --stages: unknown speed; choose from ' + ', '.join(_gpu_script().STAGES)]
+
+
+def test_a_failing_stage_is_recorded_and_the_next_one_runs(tmp_path, capsys):
+    """And a stop (SIGTERM, a time limit) ends the run with what was measured written and tabled."""
+    gpu = _gpu_script()
+
+    def fails(report, save, *_):
+        report['notes'].append('measured one thing')
+        save()
+        raise RuntimeError('out of memory, say')
+
+    def works(report, save, *_):
+        report['notes'].append('measured another')
+
+    def stopped(report, save, *_):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+    gpu.STAGE_FUNCTIONS.update(compare=fails, correctness=works, graphs=stopped)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        code = gpu.main(['--device', 'cpu', '--out', str(tmp_path), '--stages', 'compare,correctness,graphs,explain'])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 1
+    stages = json.loads((tmp_path / 'gpu.json').read_text())['stages']
+    assert stages['compare']['status'] == 'error' and 'out of memory, say' in stages['compare']['error']
+    assert stages['compare']['notes'] == ['measured one thing']  # what it measured before failing is kept
+    assert stages['correctness']['status'] == 'ok' and stages['correctness']['notes'] == ['measured another']
+    assert stages['graphs']['status'] == 'stopped' and 'explain' not in stages
+    out = capsys.readouterr().out
+    assert 'stages: compare error' in out and 'RuntimeError: out of memory, say' in out
+
+
+def test_past_the_budget_the_gpu_script_skips_the_stages_and_still_reports(tmp_path):
+    proc = _run_gpu_script('--device', 'cpu', '--budget-s', '0', '--out', tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / 'gpu.json').read_text())
+    assert data['environment']['torch'] == torch.__version__
+    assert {s['status'] for s in data['stages'].values()} == {'skipped'}
+    assert list(data['stages']) == list(_gpu_script().STAGES)
+    assert 'stages: compare skipped' in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_gpu_script_dry_run_on_the_cpu_goes_through_every_stage(tmp_path):
+    """Tiny sizes on the CPU, compiles by dynamo alone: every stage's code runs and reports."""
+    proc = _run_gpu_script('--device', 'cpu', '--quick', '--out', tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / 'gpu.json').read_text())
+    stages = data['stages']
+    assert {name: s['status'] for name, s in stages.items()} == dict(
+        compare='ok', correctness='ok', graphs='skipped', explain='ok', sweep='ok', xca='ok', compiled='ok')
+    compare = stages['compare']
+    # bf16 in NCHW and channels_last, and TF32; ours and timm's; inference and training
+    assert len(compare['rows']) == 12 and all(r['step_time_ms'] > 0 and r['peak_mb'] is not None
+                                              for r in compare['rows'])
+    assert {(r['precision'], r['channels_last']) for r in compare['ratios']} == {
+        ('bf16', False), ('bf16', True), ('tf32', False)}
+    assert any(key.startswith('xca ') for key in compare['fast_paths'])
+    assert all(r['finite'] for r in stages['correctness']['rows'])
+    assert {r['precision'] for r in stages['correctness']['rows']} == {'fp16', 'bf16'}
+    assert [r['graph_breaks'] for r in stages['explain']['rows']] == [0, 0]
+    assert {r['model'] for r in stages['sweep']['rows']} == {'xcit_nano_12_p16_224', 'deit_small_patch16_224'}
+    xca = {(r['scope'], r['mode'], r['variant']): r for r in stages['xca']['rows']}
+    assert xca['core', 'train', 'reference-compiled']['grad_rel_err'] < 0.05  # bf16 against float32
+    compiled = [r for r in stages['compiled']['rows'] if r['compiled']]
+    assert {r['impl'] for r in compiled} == {'xcit', 'timm'} and all(r['compile_s'] is not None for r in compiled)
+    tail = proc.stdout.splitlines()
+    assert tail[-1] == f"wrote {tmp_path / 'gpu.json'}" and any(line.startswith('compare:') for line in tail)
