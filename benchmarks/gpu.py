@@ -271,6 +271,18 @@ def deadline_left(budget_s: float) -> float:
     return budget_s - elapsed()
 
 
+def measure_group(report: dict, label: str, *args) -> list[dict]:
+    """`measure_in_turns(*args)`, its failure (a compile error, running out of memory) recorded under `label`
+    in the stage's errors, so that the stage's other groups still run; [] then."""
+    try:
+        return measure_in_turns(*args)
+    except Exception as e:
+        report.setdefault('errors', []).append(f'{label}: {type(e).__name__}: {str(e)[:300]}')
+        print(f"  {report['errors'][-1]}")
+        free_memory()
+        return []
+
+
 # --- stages -----------------------------------------------------------------------------------------------
 
 def stage_compare(report: dict, save: Callable[[], None], settings: Settings, device: str, budget_s: float) -> None:
@@ -287,7 +299,8 @@ def stage_compare(report: dict, save: Callable[[], None], settings: Settings, de
             variants = [Variant(impl, precision, cl) for impl in ('xcit', 'timm') for cl in layouts]
             for mode in ('infer', 'train'):
                 with matmul_precision(precision):
-                    rows = measure_in_turns(name, batch, mode, variants, settings, device, macs)
+                    rows = measure_group(report, f'{name} {mode} {precision}', name, batch, mode, variants, settings,
+                                         device, macs)
                 report['rows'] += rows
                 for r in rows:
                     print(f"  {name} b{batch} {mode:<5} {Variant(r['impl'], precision, r['channels_last']).label:<26}"
@@ -311,7 +324,7 @@ def stage_compiled(report: dict, save: Callable[[], None], settings: Settings, d
                 continue
             variants = [Variant(impl, 'bf16', compiled=compiled) for impl in ('xcit', 'timm')
                         for compiled in (False, True)]
-            rows = measure_in_turns(name, batch, mode, variants, settings, device, macs)
+            rows = measure_group(report, f'{name} {mode}', name, batch, mode, variants, settings, device, macs)
             report['rows'] += rows
             for r in rows:
                 compile_s = f"  compile {r['compile_s']:.1f} s" if r['compiled'] else ''
@@ -668,8 +681,8 @@ def print_summary(data: dict) -> None:
         print(f"explain: {r['model']} {r['mode']}: {r['graphs']} graph(s), {r['graph_breaks']} graph break(s)")
     print('\nstages: ' + ', '.join(f"{name} {s['status']} ({s.get('seconds', 0):.0f} s)" for name, s in stages.items()))
     for name, s in stages.items():
-        if s.get('error'):
-            print(f"  {name}: {s['error'].strip().splitlines()[-1][:200]}")
+        for error in ([s['error'].strip().splitlines()[-1]] if s.get('error') else []) + s.get('errors', []):
+            print(f'  {name}: {error[:200]}')
     print(f"total {data.get('elapsed_s', elapsed()):.0f} s")
 
 
@@ -753,7 +766,8 @@ def main(argv: list[str] | None = None) -> int:
             start = time.monotonic()
             try:
                 STAGE_FUNCTIONS[name](stage, report.save, settings, args.device, args.budget_s)
-                stage['status'] = 'skipped' if 'reason' in stage else 'ok' if stage.get('passed', True) else 'failed'
+                passed = stage.get('passed', True) and not stage.get('errors')
+                stage['status'] = 'skipped' if 'reason' in stage else 'ok' if passed else 'failed'
             except Exception:
                 stage.update(status='error', error=traceback.format_exc())
                 print(stage['error'], file=sys.stderr, flush=True)

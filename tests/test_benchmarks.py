@@ -142,3 +142,22 @@ def test_the_gpu_script_dry_run_on_the_cpu_goes_through_every_stage(tmp_path):
     assert {r['impl'] for r in compiled} == {'xcit', 'timm'} and all(r['compile_s'] is not None for r in compiled)
     tail = proc.stdout.splitlines()
     assert tail[-1] == f"wrote {tmp_path / 'gpu.json'}" and any(line.startswith('compare:') for line in tail)
+
+
+def test_a_failing_group_fails_its_stage_without_ending_it(tmp_path, monkeypatch):
+    """Running out of memory in one (model, mode, precision) still lets the stage's other groups run."""
+    gpu = _gpu_script()
+    tried = []
+
+    def measure(name, batch, mode, *_):
+        tried.append(mode)
+        raise RuntimeError('CUDA out of memory, say')
+    monkeypatch.setattr(gpu, 'measure_in_turns', measure)
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        code = gpu.main(['--device', 'cpu', '--quick', '--out', str(tmp_path), '--stages', 'compare'])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    compare = json.loads((tmp_path / 'gpu.json').read_text())['stages']['compare']
+    assert code == 1 and compare['status'] == 'failed' and tried == ['infer', 'train'] * 2  # bf16, then tf32
+    assert compare['errors'][0] == 'xcit_nano_12_p16_224 infer bf16: RuntimeError: CUDA out of memory, say'
