@@ -161,3 +161,21 @@ def test_a_failing_group_fails_its_stage_without_ending_it(tmp_path, monkeypatch
     compare = json.loads((tmp_path / 'gpu.json').read_text())['stages']['compare']
     assert code == 1 and compare['status'] == 'failed' and tried == ['infer', 'train'] * 2  # bf16, then tf32
     assert compare['errors'][0] == 'xcit_nano_12_p16_224 infer bf16: RuntimeError: CUDA out of memory, say'
+
+
+def test_the_gpu_script_measures_a_triton_xca_kernel_where_the_tree_has_one(tmp_path, monkeypatch):
+    """Found through XCA_KERNELS: a stand-in named 'triton' (computed by the matmul maths) joins every XCA row."""
+    import xcit.models.xcit as xcit_models
+    gpu = _gpu_script()
+    previous = signal.getsignal(signal.SIGTERM)
+    for kernels, measured in ((('matmul', 'sdpa'), False), (('matmul', 'sdpa', 'triton'), True)):
+        monkeypatch.setattr(xcit_models, 'XCA_KERNELS', kernels)
+        try:
+            assert gpu.main(['--device', 'cpu', '--quick', '--out', str(tmp_path), '--stages', 'xca']) == 0
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        xca = json.loads((tmp_path / 'gpu.json').read_text())['stages']['xca']
+        triton = [(r['scope'], r['mode']) for r in xca['rows'] if r['variant'] == 'triton']
+        assert triton == ([('core', 'infer'), ('core', 'train'), ('module', 'infer'), ('module', 'train')]
+                          if measured else [])
+        assert any('triton' in note for note in xca['notes']) != measured
