@@ -627,13 +627,14 @@ def print_summary(data: dict) -> None:
         stage = stages.get(name, {})
         if not stage.get('rows'):
             continue
-        print(f'\n{name}: step ms (ours | timm), timm/ours speed (range over rounds), peak MB above live, '
+        print(f'\n{name}: step ms (ours | timm), our throughput over timm\'s (range over rounds), peak MB above live, '
               f'our TFLOP/s' + (', compile s (ours | timm)' if name == 'compiled' else ''))
         rows = {(r['model'], r['mode'], r['precision'], r['channels_last'], r['compiled'], r['impl']): r
                 for r in stage['rows']}
         ratios = {(r['model'], r['mode'], r['precision'], r['channels_last'], r['compiled']): r
                   for r in stage.get('ratios', [])}
-        for key, ratio in ratios.items():
+        models = list(dict.fromkeys(r['model'] for r in stage['rows']))
+        for key, ratio in sorted(ratios.items(), key=lambda kv: (models.index(kv[0][0]), kv[0][2:], kv[0][1])):
             ours, timm = rows.get((*key, 'xcit')), rows.get((*key, 'timm'))
             if ours is None or timm is None:
                 continue
