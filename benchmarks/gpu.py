@@ -365,7 +365,8 @@ def stage_correctness(report: dict, save: Callable[[], None], settings: Settings
                     model = set_fast_path(models[kernel], path)
                     with torch.inference_mode(), torch.autocast(device, dtype=autocast_dtype(precision)):
                         out = model(x).float()
-                    row.update(finite=bool(torch.isfinite(out).all()), rel_err=float((out - exact).norm() / exact.norm()),
+                    row.update(finite=bool(torch.isfinite(out).all()),
+                               rel_err=float((out - exact).norm() / exact.norm()),
                                cosine=float(F.cosine_similarity(out.flatten(), exact.flatten(), dim=0)))
                     print(f"  {size} px {precision} {kernel}/{path}: finite {row['finite']}, "
                           f"relative error {row['rel_err']:.2e}")
