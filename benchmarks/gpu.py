@@ -271,11 +271,12 @@ def deadline_left(budget_s: float) -> float:
     return budget_s - elapsed()
 
 
-def measure_group(report: dict, label: str, *args) -> list[dict]:
-    """`measure_in_turns(*args)`, its failure (a compile error, running out of memory) recorded under `label`
-    in the stage's errors, so that the stage's other groups still run; [] then."""
+def measure_group(report: dict, label: str, precision: str, *args) -> list[dict]:
+    """`measure_in_turns(*args)` under `precision`'s matmul setting, its failure (a compile error, running out
+    of memory) recorded under `label` in the stage's errors, so that the stage's other groups still run; [] then."""
     try:
-        return measure_in_turns(*args)
+        with matmul_precision(precision):
+            return measure_in_turns(*args)
     except Exception as e:
         report.setdefault('errors', []).append(f'{label}: {type(e).__name__}: {str(e)[:300]}')
         print(f"  {report['errors'][-1]}")
@@ -298,9 +299,8 @@ def stage_compare(report: dict, save: Callable[[], None], settings: Settings, de
             layouts = [False, True] if precision == 'bf16' else [False]
             variants = [Variant(impl, precision, cl) for impl in ('xcit', 'timm') for cl in layouts]
             for mode in ('infer', 'train'):
-                with matmul_precision(precision):
-                    rows = measure_group(report, f'{name} {mode} {precision}', name, batch, mode, variants, settings,
-                                         device, macs)
+                rows = measure_group(report, f'{name} {mode} {precision}', precision, name, batch, mode, variants,
+                                     settings, device, macs)
                 report['rows'] += rows
                 for r in rows:
                     print(f"  {name} b{batch} {mode:<5} {Variant(r['impl'], precision, r['channels_last']).label:<26}"
@@ -324,7 +324,7 @@ def stage_compiled(report: dict, save: Callable[[], None], settings: Settings, d
                 continue
             variants = [Variant(impl, 'bf16', compiled=compiled) for impl in ('xcit', 'timm')
                         for compiled in (False, True)]
-            rows = measure_group(report, f'{name} {mode}', name, batch, mode, variants, settings, device, macs)
+            rows = measure_group(report, f'{name} {mode}', 'bf16', name, batch, mode, variants, settings, device, macs)
             report['rows'] += rows
             for r in rows:
                 compile_s = f"  compile {r['compile_s']:.1f} s" if r['compiled'] else ''
