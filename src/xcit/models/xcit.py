@@ -27,6 +27,7 @@ from ._base import ClassifierMixin, Trunk, create_family, head_classes, init_wei
 from .fastpath import FastPathModule, candidate_step, dtype_tag
 from .layers import (DropPath, Linear, Mlp, autocast_active, autograd_records, fold_conv_bn, layer_scale_residual, linear,
                      take_indices)
+from .xca_triton import fused_xca_runs, xca_fused
 from ..registry import CheckpointAdapter, WeightsGuess, register_alias, register_checkpoint_adapter, register_model
 
 __all__ = ['XCiT', 'XCiTDense', 'checkpoint_filter_fn']
@@ -144,7 +145,7 @@ def l2_normalize_tokens(t: torch.Tensor) -> torch.Tensor:
     return F.normalize(t.float(), dim=-1).to(t.dtype)
 
 
-XCA_KERNELS = ('matmul', 'sdpa')
+XCA_KERNELS = ('matmul', 'sdpa', 'triton')
 
 
 def _head_columns(t: torch.Tensor, num_heads: int) -> list[torch.Tensor]:
@@ -239,6 +240,12 @@ class XCA(FastPathModule, nn.Module):
     scaled_dot_product_attention with the channels as the sequence and the tokens as
     the feature axis; it measured slower on CPUs (BENCHMARKS.md), hence 'matmul';
     `xcit bench --impls xcit,xcit-sdpa` measures both on other hardware.
+
+    `kernel='triton'` runs the core as the fused Triton kernels of `xca_triton`
+    (`torch.ops.xcit.xca_fused`, with its backward) wherever they run: CUDA tensors in
+    float32, bfloat16 or float16 without attention dropout (CPU ones only in Triton's
+    interpreter); elsewhere XCA runs as with 'matmul'. Under 'auto' on CUDA the fused
+    kernels are also one of the timed candidates whenever Triton imports.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
@@ -283,13 +290,19 @@ class XCA(FastPathModule, nn.Module):
                                                dropout_p=self.attn_drop.p if self.training else 0.0)
             x = x.reshape(B, C, N).transpose(1, 2)  # (B, N, C)
             return self.proj_drop(self.proj(x))
-        train = autograd_records(x, self.qkv.weight)
         dropout = self.training and self.attn_drop.p > 0
-        key = (f'xca {"train" if train else "infer"} {x.device.type} {dtype_tag(x)} B{B} N{N} C{C} h{self.num_heads}'
-               + (' attn_drop' if dropout else ''))
+        fused = not dropout and fused_xca_runs(x, C // self.num_heads)
+        if self.kernel == 'triton' and fused:
+            return self._fused(x)
+        train = autograd_records(x, self.qkv.weight)
         forwards = dict(channel_major=self._channel_major, reference=self._reference)
         if x.dtype in (torch.float32, torch.float64) and not autocast_active(x) and not dropout:
             forwards = dict(token_major=self._token_major, **forwards)
+        if fused and x.device.type == 'cuda':
+            forwards['triton'] = self._fused
+        # the candidates are part of the question: a decision for 'triton' is not reused where Triton is missing
+        key = (f'xca {"train" if train else "infer"} {x.device.type} {dtype_tag(x)} B{B} N{N} C{C} h{self.num_heads}'
+               + (' attn_drop' if dropout else '') + (' triton' if 'triton' in forwards else ''))
 
         def timed(f):  # built only when the key must be timed
             return lambda: candidate_step(f, (x,), train, list(self.parameters()))
@@ -305,6 +318,10 @@ class XCA(FastPathModule, nn.Module):
 
     def _token_major(self, x: torch.Tensor) -> torch.Tensor:
         x = TokenMajorXCA.apply(self.qkv(x), self.temperature, self.num_heads)  # (B, N, C)
+        return self.proj_drop(self.proj(x))
+
+    def _fused(self, x: torch.Tensor) -> torch.Tensor:
+        x = xca_fused(self.qkv(x), self.temperature, self.num_heads)  # (B, N, C)
         return self.proj_drop(self.proj(x))
 
     def _reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -543,7 +560,7 @@ class XCiT(ClassifierMixin, _XCiTTrunk):
 
         `trunk_kwargs`: patch_size, in_chans, embed_dim, depth, num_heads, mlp_ratio,
         qkv_bias, pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate,
-        act_layer, norm_layer, eta (LayerScale init), use_pos_embed, xca_impl ('matmul' or 'sdpa', see XCA).
+        act_layer, norm_layer, eta (LayerScale init), use_pos_embed, xca_impl ('matmul', 'sdpa' or 'triton', see XCA).
         """
         super().__init__(**trunk_kwargs)
         embed_dim = self.embed_dim
