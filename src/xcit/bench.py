@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .models import compile_static
 
 MAC_COUNTER = 'torch.utils.flop_counter (matmul + conv MACs)'
-IMPLS = ('xcit', 'xcit-sdpa', 'xcit-compiled', 'xcit-optimized', 'timm', 'timm-compiled')
+IMPLS = ('xcit', 'xcit-sdpa', 'xcit-triton', 'xcit-compiled', 'xcit-optimized', 'timm', 'timm-compiled')
 
 
 @dataclass
@@ -62,7 +62,7 @@ def _compile(model: nn.Module) -> nn.Module:
 
 
 def build_model(name: str, impl: str, img_size: int, device: str = 'cpu') -> nn.Module:
-    """`impl`: xcit (eager), xcit-sdpa (eager, xca_impl='sdpa'), xcit-compiled, xcit-optimized
+    """`impl`: xcit (eager), xcit-sdpa and xcit-triton (eager, that xca_impl), xcit-compiled, xcit-optimized
     (optimize_for_inference), timm, timm-compiled.
 
     Non-xcit model names (a token-attention baseline such as deit_small_patch16_224)
@@ -76,7 +76,7 @@ def build_model(name: str, impl: str, img_size: int, device: str = 'cpu') -> nn.
     if impl.startswith('xcit'):
         if not is_model(name):
             raise ValueError(f'{name} is not an xcit model; compare it with --impls timm')
-        kwargs = dict(xca_impl='sdpa') if impl == 'xcit-sdpa' else {}
+        kwargs = dict(xca_impl=impl.removeprefix('xcit-')) if impl in ('xcit-sdpa', 'xcit-triton') else {}
         model = create_model(name, **kwargs).to(device)
         if impl == 'xcit-optimized':
             return _compile(optimize_for_inference(model, compile=False))
