@@ -1,5 +1,5 @@
 """The fused Triton XCA kernels against the official maths in float64: forward, the gradients of qkv and
-temperature, and XCiT with xca_impl='triton' against its default path.
+temperature, and XCiT with xca_impl='triton' against the official maths.
 
 On CPU the kernels run in Triton's interpreter, which TRITON_INTERPRET=1 switches on only if it is set
 before Triton is imported (Triton builds its own library functions for one mode then): so
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import xcit
 from conftest import perturb_
-from xcit.models import fastpath, xca_triton
+from xcit.models import fastpath, set_fast_path, xca_triton
 from xcit.models.xca_triton import xca_fused
 from xcit.models.xcit import XCA
 
@@ -39,8 +39,8 @@ def device(request):
 
 
 def test_cpu_cases_in_the_triton_interpreter():
-    if INTERPRETER:
-        pytest.skip('this is the interpreter process')
+    if os.environ.get('TRITON_INTERPRET'):
+        pytest.skip('TRITON_INTERPRET is set here: the CPU cases run in this process')
     env = dict(os.environ, TRITON_INTERPRET='1')
     result = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', __file__], env=env,
                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
@@ -139,28 +139,33 @@ def test_strided_qkv_zero_channel_and_determinism(device):
     assert all(torch.equal(a, b) for a, b in zip(fused, again))
 
 
-def test_xcit_with_the_fused_kernels_trains_like_the_default(device):
-    """A 2-block XCiT-nano (d = 32), forward and every parameter's gradient, against the default path."""
+def test_xcit_with_the_fused_kernels_trains_like_the_official_maths(device):
+    """A 2-block XCiT-nano (d = 32), its output and every parameter's gradient, against the same weights with
+    every layer on its reference maths (XCA's official formulation). On CUDA the convolutions around XCA run
+    in TF32 (cuDNN's default) on slightly different inputs, hence the wider bound there."""
     torch.manual_seed(0)
-    default = perturb_(xcit.create_model('xcit_nano_12_p16_224', depth=2, num_classes=10)).to(device)
-    fused = copy.deepcopy(default)
+    plain = set_fast_path(perturb_(xcit.create_model('xcit_nano_12_p16_224', depth=2, num_classes=10)), 'reference')
+    plain = plain.to(device)
+    fused = copy.deepcopy(plain)
     for block in fused.blocks:
         block.attn.kernel = 'triton'
     x = torch.randn(2, 3, 80, 64, device=device)
     results = []
-    for model in (fused, default):
+    for model in (fused, plain):
         out = model(x)
         out.square().sum().backward()
         results.append((out, [p.grad for p in model.parameters()]))
     (out, grads), (out_ref, grads_ref) = results
-    assert relative_error(out, out_ref) <= 1e-5
-    for (name, _), g, g_ref in zip(default.named_parameters(), grads, grads_ref):
-        assert relative_error(g, g_ref) <= 1e-4, name
+    tolerance = 1e-5 if device.type == 'cpu' else 1e-4
+    assert relative_error(out, out_ref) <= tolerance
+    for (name, _), g, g_ref in zip(plain.named_parameters(), grads, grads_ref):
+        assert relative_error(g, g_ref) <= 10 * tolerance, name
 
 
 def test_xca_impl_triton_reaches_the_fused_op_and_compiles_without_graph_breaks(device, monkeypatch):
-    """create_model(xca_impl='triton') runs torch.ops.xcit.xca_fused in every block, eager and under
-    torch.compile(fullgraph=True) (aot_eager: no C++ or GPU compiler needed), with the same gradients."""
+    """create_model(xca_impl='triton') gives every block the fused kernel, whose XCA calls
+    torch.ops.xcit.xca_fused; torch.compile(fullgraph=True) traces it (aot_eager: no C++ or GPU compiler
+    needed) and gives the same gradients."""
     model = xcit.create_model('xcit_nano_12_p16_224', depth=2, xca_impl='triton').to(device)
     assert [block.attn.kernel for block in model.blocks] == ['triton', 'triton']
     xca = model.blocks[0].attn
@@ -187,8 +192,10 @@ def test_without_the_interpreter_a_cpu_tensor_takes_the_default_path():
         assert (xca(x) - xca._reference(x)).abs().max() < 1e-5
 
 
-def test_auto_never_offers_the_fused_kernels_a_cpu_tensor(device, monkeypatch):
+def test_auto_never_offers_the_fused_kernels_a_cpu_tensor(monkeypatch):
     """Even where they run on it (in the interpreter): the CPU default path is the one it was."""
+    if not INTERPRETER:
+        pytest.skip('runs in the interpreter process of test_cpu_cases_in_the_triton_interpreter')
     xca = XCA(64, num_heads=2, impl='auto')
     x = torch.randn(2, 50, 64)
     assert xca_triton.fused_xca_runs(x, 32) and not xca_triton.fused_xca_runs(x.double(), 32)
@@ -199,9 +206,8 @@ def test_auto_never_offers_the_fused_kernels_a_cpu_tensor(device, monkeypatch):
     assert list(timed[0]) == ['token_major', 'channel_major', 'reference']
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason='the fused kernels are an auto candidate on CUDA only')
+@pytest.mark.skipif(INTERPRETER or not torch.cuda.is_available(), reason='needs CUDA, outside the interpreter')
 def test_auto_times_the_fused_kernels_on_cuda(monkeypatch):
-    monkeypatch.delenv('TRITON_INTERPRET', raising=False)
     xca = XCA(128, num_heads=4, impl='auto').cuda()
     timed = []
     monkeypatch.setattr(fastpath.CHOOSER, 'choose', lambda key, runs: timed.append((key, runs)) or 'triton')

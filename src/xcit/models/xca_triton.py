@@ -23,62 +23,60 @@ cannot overflow even from float16 at 10,000 tokens; a float32 map is rounded to 
 operands' dtype only where it multiplies tokens, as autocast's matmuls do. Float32
 operands multiply in IEEE float32 (no TF32), as PyTorch's matmul does by default.
 
-Triton is imported on first use: where it is missing (`triton_available()` is False)
-the package works and XCA runs its other paths. With TRITON_INTERPRET=1 in the
-environment before Triton is imported (it builds its own library functions for one
-mode or the other then), the kernels run on CPU tensors in Triton's interpreter.
+Triton is imported when first asked about (by XCA(kernel='triton') when built, or by
+'auto' on a CUDA tensor), never by the package's import or a CPU model's default path;
+where it is missing the package works and XCA runs its other paths. With
+TRITON_INTERPRET=1 in the environment when Triton is imported, the kernels run on CPU
+tensors in Triton's interpreter.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from types import SimpleNamespace
 
 import torch
 from torch import Tensor
 
-tl = None  # triton.language once `_triton()` has imported it: the kernels read it as a global when compiled
+tl = None  # triton.language once imported: the kernels read it as a global when compiled
+_triton = None
+_devices: tuple[str, ...] | None = None  # the device types the kernels take here; None until Triton is tried
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 64  # the shipped models' largest (medium: 512 / 8); each program holds (D x D) float32 maps
 _MAX_SPLITS = 64
 
 
-@functools.cache
-def _triton():
-    global tl
-    try:
-        import triton
-        import triton.language
-    except ImportError:
-        return None
-    tl = triton.language
-    return triton
+def _import_triton() -> tuple[str, ...]:
+    """Import Triton, once; the device types the kernels take. XCA(kernel='triton') calls it when built, so
+    that torch.compile later reads a constant instead of tracing the import."""
+    global tl, _triton, _devices
+    if _devices is None:
+        try:
+            import triton
+            import triton.language
+        except ImportError:
+            _devices = ()
+        else:
+            _triton, tl = triton, triton.language
+            # the mode is fixed now: Triton builds its own library functions for one or the other on import
+            _devices = ('cuda', 'cpu') if triton.knobs.runtime.interpret else ('cuda',)
+    return _devices
 
 
 def triton_available() -> bool:
     """Whether Triton imports here."""
-    return _triton() is not None
+    return bool(_import_triton())
 
 
 def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1; Triton is not imported to say no)."""
-    return 'TRITON_INTERPRET' in os.environ and triton_available() and bool(_triton().knobs.runtime.interpret)
-
-
-@torch.compiler.assume_constant_result
-def _runs_on(device_type: str) -> bool:
-    """Whether the kernels take tensors of this device type here: a constant to torch.compile, which would
-    otherwise trace the import and the environment."""
-    if device_type == 'cuda':
-        return triton_available()
-    return device_type == 'cpu' and interpreting()
+    """Whether Triton runs kernels in its interpreter (TRITON_INTERPRET=1 when it was imported), on CPU tensors too."""
+    return 'cpu' in _import_triton()
 
 
 def fused_xca_runs(x: Tensor, head_dim: int) -> bool:
     """Whether the fused kernels take `x`'s device and dtype: CUDA tensors, or CPU ones in the interpreter."""
-    return x.dtype in DTYPES and head_dim <= MAX_HEAD_DIM and _runs_on(x.device.type)
+    return x.dtype in DTYPES and head_dim <= MAX_HEAD_DIM and x.device.type in _import_triton()
 
 
 # ---- kernels: plain functions, compiled by `_kernels()` once Triton has been imported ----
@@ -239,7 +237,7 @@ def _grad_qk(qkv, d_cosine, norms, coefs, d_qkv, N, H, stride_b, stride_n, dq_st
 
 @functools.cache
 def _kernels() -> SimpleNamespace:
-    jit = _triton().jit
+    jit = _triton.jit
     return SimpleNamespace(**{f.__name__.lstrip('_'): jit(f) for f in (
         _gram_partials, _attention_map, _apply_map, _grad_attn_partials, _grad_cosine, _grad_qk)})
 

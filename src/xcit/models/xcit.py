@@ -27,7 +27,7 @@ from ._base import ClassifierMixin, Trunk, create_family, head_classes, init_wei
 from .fastpath import FastPathModule, candidate_step, dtype_tag
 from .layers import (DropPath, Linear, Mlp, autocast_active, autograd_records, fold_conv_bn, layer_scale_residual, linear,
                      take_indices)
-from .xca_triton import fused_xca_runs, xca_fused
+from .xca_triton import fused_xca_runs, triton_available, xca_fused
 from ..registry import CheckpointAdapter, WeightsGuess, register_alias, register_checkpoint_adapter, register_model
 
 __all__ = ['XCiT', 'XCiTDense', 'checkpoint_filter_fn']
@@ -253,6 +253,8 @@ class XCA(FastPathModule, nn.Module):
         super().__init__()
         if kernel not in XCA_KERNELS:
             raise ValueError(f"xca_impl must be one of {', '.join(XCA_KERNELS)}, not {kernel!r}")
+        if kernel == 'triton':
+            triton_available()  # imported now, so that torch.compile finds it imported and does not trace that
         self.kernel = kernel
         self.num_heads = num_heads
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
@@ -291,14 +293,16 @@ class XCA(FastPathModule, nn.Module):
             x = x.reshape(B, C, N).transpose(1, 2)  # (B, N, C)
             return self.proj_drop(self.proj(x))
         dropout = self.training and self.attn_drop.p > 0
-        fused = not dropout and fused_xca_runs(x, C // self.num_heads)
-        if self.kernel == 'triton' and fused:
+        if self.kernel == 'triton' and not dropout and fused_xca_runs(x, C // self.num_heads):
             return self._fused(x)
         train = autograd_records(x, self.qkv.weight)
         forwards = dict(channel_major=self._channel_major, reference=self._reference)
         if x.dtype in (torch.float32, torch.float64) and not autocast_active(x) and not dropout:
             forwards = dict(token_major=self._token_major, **forwards)
-        if fused and x.device.type == 'cuda':
+        # only asked on CUDA and outside torch.compile (which takes the reference under 'auto'): the question
+        # imports Triton, and the CPU path stays as it was
+        if (x.device.type == 'cuda' and not dropout and not torch.compiler.is_compiling()
+                and fused_xca_runs(x, C // self.num_heads)):
             forwards['triton'] = self._fused
         # the candidates are part of the question: a decision for 'triton' is not reused where Triton is missing
         key = (f'xca {"train" if train else "infer"} {x.device.type} {dtype_tag(x)} B{B} N{N} C{C} h{self.num_heads}'
