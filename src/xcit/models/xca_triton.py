@@ -18,10 +18,12 @@ columns of qkv in place (rows 3C apart); between passes only float32 (B, h, D, D
 and (B, h, 2, D) norms are kept, D being d rounded up to a power of two (d = 48 runs
 in 64 masked lanes).
 
-Half-precision operands meet tensor cores with float32 accumulation, so raw q^T k
-cannot overflow even from float16 at 10,000 tokens; a float32 map is rounded to the
-operands' dtype only where it multiplies tokens, as autocast's matmuls do. Float32
-operands multiply in IEEE float32 (no TF32), as PyTorch's matmul does by default.
+Products of tokens with tokens (q^T k, d_out^T v) take half-precision operands as they
+are, with float32 accumulation, so raw q^T k cannot overflow even from float16 at
+10,000 tokens. Products of tokens with a float32 map (attn, the cosines' gradient) run
+in TF32, which holds half-precision tokens exactly and keeps 10 bits of the map where
+bfloat16 would keep 7. Float32 inputs multiply in IEEE float32 throughout (no TF32), as
+PyTorch's matmul does by default.
 
 Triton is imported when first asked about (by XCA(kernel='triton') when built, or by
 'auto' on a CUDA tensor), never by the package's import or a CPU model's default path;
