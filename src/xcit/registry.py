@@ -123,15 +123,20 @@ def get_pretrained_cfg(name: str) -> dict:
     return cfg
 
 
-def build_model(name: str, pretrained_cfg_overlay: dict | None = None, **kwargs) -> nn.Module:
+def build_model(name: str, pretrained_cfg_overlay: dict | None = None, pretrained_cfg: dict | None = None,
+                **kwargs) -> nn.Module:
     """The architecture `name` with freshly initialised weights and its pretrained cfg attached.
 
     Keyword arguments that are None are left to the builder's defaults, except `num_classes`, which comes
     from the weights' cfg (0 for a tag of backbones, such as `.dino`); `xcit.create_model` adds weights.
+    `pretrained_cfg` replaces the registry's cfg (weights described elsewhere: a Hub repo's config.json).
     """
     entry = get_model_entry(name)
-    cfg = get_pretrained_cfg(name)
-    cfg.update(pretrained_cfg_overlay or {})
+    cfg = dict(pretrained_cfg, architecture=entry.name) if pretrained_cfg is not None else get_pretrained_cfg(name)
+    overlay = pretrained_cfg_overlay or {}
+    if 'url' in overlay and 'hf_hub_id' not in overlay:
+        cfg.pop('hf_hub_id', None)  # the Hub repo holds the registry's weights, not those of the URL put in their place
+    cfg.update(overlay)
     if kwargs.get('num_classes') is None and 'num_classes' in cfg:
         kwargs['num_classes'] = cfg['num_classes']
     model = entry.builder(**{k: v for k, v in kwargs.items() if v is not None})

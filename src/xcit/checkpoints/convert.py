@@ -53,7 +53,8 @@ def _refuse_overwriting_source(src: str | os.PathLike, dst: str | os.PathLike) -
 
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, fmt: str,
-                    model_name: str | None = None, timm_fn=None, passl_fn=None) -> None:
+                    model_name: str | None = None, timm_fn=None, passl_fn=None,
+                    metadata: dict[str, str] | None = None) -> None:
     """Write our state dict as `fmt`.
 
     - passl: `backbone.*` + `head.fc_cls.*` NumPy pickle, what PASSL's `--load` reads, under the
@@ -63,6 +64,9 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike
     - official: `{'model': state_dict}`, like facebookresearch/xcit's released files;
     - timm: timm's key layout, flat (`.pth`) or as safetensors when the path ends so;
     - safetensors: our layout, with the model name and format version in the metadata.
+
+    `metadata` adds to or overrides a safetensors file's metadata (the Hugging Face Hub's readers
+    expect `format: pt`).
     """
     path = Path(path)
     if fmt not in FORMATS:
@@ -79,7 +83,7 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike
         elif fmt == 'safetensors' or path.suffix.lower() == '.safetensors':
             from safetensors.torch import save
             metadata = dict(format='xcit', format_version=SAFETENSORS_FORMAT_VERSION,
-                            layout='timm' if fmt == 'timm' else 'xcit', model=model_name or '')
+                            layout='timm' if fmt == 'timm' else 'xcit', model=model_name or '') | (metadata or {})
             data = save({k: v.contiguous() for k, v in state_dict.items()}, metadata=metadata)
             # written by Python, not by safetensors.save_file: that one does not report a full disk
             with open(tmp, 'wb') as f:

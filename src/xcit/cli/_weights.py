@@ -55,16 +55,20 @@ def model_with_weights(name: str, checkpoint: str | None) -> tuple[nn.Module, An
     """`create_model(name)` with the checkpoint's weights, and the checkpoint's contents (None without one).
 
     The class count comes from the weights; a training checkpoint also supplies
-    its run's model arguments (e.g. a reduced depth).
+    its run's model arguments (e.g. a reduced depth). A Hub repo or folder
+    (`hf-hub:ORG/REPO`, `local-dir:DIR`) brings its own weights when no checkpoint is given.
     """
     from ..checkpoints import load_into, read_checkpoint
+    from ..checkpoints.hf_hub import split_source
     from ..checkpoints.load import extract_state_dict, guess_weights
     from ..factory import create_model
     from ..registry import get_model_entry
 
-    get_model_entry(name)  # an unknown name fails before a large checkpoint is read
+    from_hub = split_source(name)[0] is not None
+    if not from_hub:
+        get_model_entry(name)  # an unknown name fails before a large checkpoint is read
     if checkpoint is None:
-        return create_model(name).eval(), None
+        return create_model(name, pretrained=from_hub).eval(), None
     raw = read_checkpoint(checkpoint)
     state_dict = extract_state_dict(raw, source=checkpoint)
     config = run_config(raw, checkpoint)

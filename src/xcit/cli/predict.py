@@ -2,6 +2,9 @@
 detector or segmenter, a PNG per image in --output (boxes, labels, scores and masks drawn over it, or the
 colour-coded segmentation beside it) and one line on what was found.
 
+`--model hf-hub:ORG/REPO` (or `local-dir:DIR`) takes the weights and class names of a timm-style
+Hugging Face Hub repo (or folder) and needs no --checkpoint.
+
 A folder stands for the image files in it, in name order. An input that cannot
 be read is reported on its own line and the others are still classified; the
 exit status is then 2.
@@ -18,8 +21,11 @@ MAX_IMAGE_SIZE = 4096
 def add_parser(sub) -> None:
     p = sub.add_parser('predict', help='classify images', description=__doc__)
     p.add_argument('images', nargs='+', metavar='IMAGE', help='image files, or folders of them')
-    p.add_argument('--model', required=True, help='architecture, e.g. xcit_nano_12_p16_224')
-    p.add_argument('--checkpoint', required=True, help='weights (any supported format, or a training checkpoint)')
+    p.add_argument('--model', required=True,
+                   help='architecture, e.g. xcit_nano_12_p16_224, or a timm-style Hub repo or folder with its weights '
+                        '(hf-hub:ORG/REPO, local-dir:DIR)')
+    p.add_argument('--checkpoint', help='weights (any supported format, or a training checkpoint); '
+                                        'required unless --model is hf-hub:... or local-dir:...')
     p.add_argument('--topk', type=int, default=5)
     p.add_argument('--image-size', type=int,
                    help=f"input size, 8 to {MAX_IMAGE_SIZE} (default: the run's, else the model's)")
@@ -29,11 +35,14 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoints.hf_hub import split_source
     from ..config import Config
     from ..data import build_eval_transform
     from ..data.datasets import image_files, read_image
     from ._weights import class_names, error, model_with_weights, report_problems, run_config
 
+    if args.checkpoint is None and split_source(args.model)[0] is None:
+        raise ValueError(f'--checkpoint is required for {args.model}: only hf-hub: and local-dir: models bring weights')
     if args.topk < 1:
         raise ValueError(f'--topk must be at least 1, not {args.topk}')
     if args.image_size is not None and not 8 <= args.image_size <= MAX_IMAGE_SIZE:
@@ -50,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     config = run_config(raw, args.checkpoint) or Config()
     if args.image_size is not None:
         config.data.image_size = args.image_size
-    classes = class_names(raw)
+    classes = class_names(raw) or hub_labels(model)
     transform = build_eval_transform(config, model.pretrained_cfg)
     for path, problem in inputs:
         if problem is not None:
@@ -68,6 +77,12 @@ def run(args: argparse.Namespace) -> int:
         print(path + ': ' + ', '.join(f'{label} {p:.3f}' for label, p in zip(labels, top.values.tolist())),
               flush=True)
     return 2 if failed else 0
+
+
+def hub_labels(model) -> list[str] | None:
+    """The class names a Hub repo's config.json gave the model, when they are a list of strings."""
+    names = model.pretrained_cfg.get('label_names')
+    return list(names) if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names) else None
 
 
 def predict_dense(args: argparse.Namespace, model, classes: list[str] | None, inputs) -> int:

@@ -732,6 +732,8 @@ register_checkpoint_adapter((XCiT, XCiTDense), CheckpointAdapter(checkpoint_filt
 
 _FB_URL = 'https://dl.fbaipublicfiles.com/xcit/{}.pth'
 _PASSL_URL = 'https://passl.bj.bcebos.com/vision_transformers/xcit/{}.pdparams'
+# timm's copies of the facebookresearch releases on the Hugging Face Hub, in timm's layout (`arch.tag` repos)
+_TIMM_HUB_ID = 'timm/{}.{}'
 
 # size: (embed_dim, depth, num_heads, tokens_norm); LayerScale eta is 1.0 at depth 12 and 1e-5 at depth 24
 _XCIT_SIZES = {
@@ -760,8 +762,10 @@ def _xcit_cfgs(name: str, resolution: int) -> dict[str, dict]:
     passl = dict(origin_url='https://github.com/PaddlePaddle/PASSL', checkpoint_format='passl')
     cfgs = {}
     if resolution == 224:  # no undistilled 384 models were released
-        cfgs['fb_in1k'] = _cfg(_FB_URL.format(name), resolution, **origin)
-    cfgs['fb_dist_in1k'] = _cfg(_FB_URL.format(name + '_dist'), resolution, **origin)
+        cfgs['fb_in1k'] = _cfg(_FB_URL.format(name), resolution, hf_hub_id=_TIMM_HUB_ID.format(name, 'fb_in1k'),
+                               **origin)
+    cfgs['fb_dist_in1k'] = _cfg(_FB_URL.format(name + '_dist'), resolution,
+                                hf_hub_id=_TIMM_HUB_ID.format(name, 'fb_dist_in1k'), **origin)
     if resolution == 224:
         cfgs['passl_in1k'] = _cfg(_PASSL_URL.format(name), resolution, **passl)
     if name in _PASSL_DIST:
