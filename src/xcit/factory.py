@@ -42,6 +42,7 @@ def create_model(
     """
     source, _ = split_source(model_name)
     architecture, pretrained_cfg = model_name, None
+    kwargs.update(in_chans=in_chans, drop_path_rate=drop_path_rate)
     if source is not None:
         hub = read_hub_config(model_name)
         if not is_model(hub.architecture):
@@ -50,10 +51,11 @@ def create_model(
         architecture = hub.architecture
         defaults = {k: v for k, v in get_pretrained_cfg(architecture).items() if k not in SOURCE_KEYS | {'tag'}}
         pretrained_cfg = defaults | hub.pretrained_cfg
-        kwargs = {k: v for k, v in hub.model_args.items() if k != 'num_classes'} | kwargs
+        # the arguments that rebuild the saved model, unless given here; the class count is the cfg's
+        kwargs = {k: v for k, v in hub.model_args.items() if k != 'num_classes'} | {
+            k: v for k, v in kwargs.items() if v is not None}
     try:
-        model = build_model(architecture, pretrained_cfg_overlay, pretrained_cfg, num_classes=num_classes,
-                            in_chans=in_chans, drop_path_rate=drop_path_rate, **kwargs)
+        model = build_model(architecture, pretrained_cfg_overlay, pretrained_cfg, num_classes=num_classes, **kwargs)
     except TypeError as e:
         if source is None or not hub.model_args:
             raise
