@@ -105,14 +105,21 @@ def test_a_folder_written_by_timm_loads_here(tmp_path, images, safe):
     torch.testing.assert_close(logits(model, images), logits(reference, images), atol=1e-5, rtol=0)
 
 
-def test_an_hf_hub_name_loads_from_the_offline_cache(tmp_path, hub_cache, nano):
-    cache_repo(hub_cache, REPO, xcit.save_pretrained(nano, tmp_path / 'nano', model_args=dict(depth=4)))
+def test_an_hf_hub_name_loads_from_the_offline_cache(tmp_path, capsys, hub_cache, nano):
+    labels = [f'label {i}' for i in range(10)]
+    cache_repo(hub_cache, REPO, xcit.save_pretrained(nano, tmp_path / 'nano', model_args=dict(depth=4),
+                                                     label_names=labels))
     for name in (f'hf-hub:{REPO}', f'hf-hub:{REPO}@{COMMIT}'):
         model = xcit.create_model(name, pretrained=True)
         assert_same_weights(model, nano)
         assert model.pretrained_cfg['hf_hub_id'] == name.removeprefix('hf-hub:')
     fresh = xcit.create_model(f'hf-hub:{REPO}', num_classes=3)  # the architecture alone, a new classifier
     assert fresh.num_classes == 3 and len(fresh.blocks) == 4
+    # the CLI takes the repo's weights and label names
+    image = tmp_path / 'photo.png'
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(image)
+    code, out, err = cli(capsys, 'predict', image, '--model', f'hf-hub:{REPO}', '--topk', '1')
+    assert code == 0 and len(out) == 1 and out[0].split(': ')[1].rsplit(' ', 1)[0] in labels, (out, err)
 
 
 def test_offline_without_a_cache_says_which_repo_and_what_to_do(hub_cache):
@@ -230,6 +237,9 @@ def test_bad_hub_names_and_folders_are_one_clear_line(tmp_path, monkeypatch, cap
     (tmp_path / 'config.json').write_text(json.dumps({'architecture': NAME, 'num_classes': 4}))
     code, _, err = cli(capsys, 'export', '--model', f'local-dir:{tmp_path}', '--hub-dir', tmp_path / 'out')
     assert code == 2 and len(err) == 1 and 'holds no weights' in err[0], err
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(tmp_path / 'photo.png')
+    code, _, err = cli(capsys, 'predict', tmp_path / 'photo.png', '--model', NAME)  # a registered name brings none
+    assert code == 2 and len(err) == 1 and '--checkpoint is required' in err[0], err
     monkeypatch.setitem(__import__('sys').modules, 'huggingface_hub', None)  # not installed
     with pytest.raises(ValueError, match=r'pip install "xcit\[hub\]"'):
         xcit.create_model(f'hf-hub:{REPO}')
