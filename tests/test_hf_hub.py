@@ -91,7 +91,7 @@ def test_a_saved_folder_loads_in_timm_and_here(tmp_path, nano, images):
 
 
 @pytest.mark.parametrize('safe', [True, False], ids=['safetensors', 'pytorch_model.bin'])
-def test_a_folder_written_by_timm_loads_here(tmp_path, images, safe):
+def test_a_folder_written_by_timm_loads_here(tmp_path, images, safe, hub_cache):
     import timm
     from timm.models import save_for_hf
     torch.manual_seed(2)
@@ -99,10 +99,14 @@ def test_a_folder_written_by_timm_loads_here(tmp_path, images, safe):
     save_for_hf(reference, tmp_path / 'timm', safe_serialization=safe,
                 model_config=dict(label_names=[f'class {i}' for i in range(7)]))
     assert (tmp_path / 'timm' / ('model.safetensors' if safe else 'pytorch_model.bin')).is_file()
+    expected = logits(reference, images)
     model = xcit.create_model(f'local-dir:{tmp_path / "timm"}', pretrained=True)
     assert isinstance(model, xcit.XCiT) and model.num_classes == 7
     assert model.pretrained_cfg['label_names'][6] == 'class 6'
-    torch.testing.assert_close(logits(model, images), logits(reference, images), atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(model, images), expected, atol=1e-5, rtol=0)
+    cache_repo(hub_cache, 'someone/nano', tmp_path / 'timm')  # any repo in that layout, whichever weight file
+    torch.testing.assert_close(logits(xcit.create_model('hf-hub:someone/nano', pretrained=True), images), expected,
+                               atol=1e-5, rtol=0)
 
 
 def test_an_hf_hub_name_loads_from_the_offline_cache(tmp_path, capsys, hub_cache, nano):

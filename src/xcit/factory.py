@@ -29,7 +29,7 @@ def create_model(
         pretrained_cfg_overlay: dict[str, Any] | None = None,
         **kwargs: Any,
 ) -> nn.Module:
-    """Build `model_name` (`arch`, `arch.tag`, `hf-hub:ORG/REPO[@REVISION]` or `local-dir:DIR`), optionally with weights.
+    """Build `model_name` (`arch`, `arch.tag`, `hf-hub:ORG/REPO[@REVISION]`, `local-dir:DIR`), optionally with weights.
 
     `pretrained=True` downloads the tag's published file into torch.hub's cache, or, when its
     release URL fails, timm's copy on the Hugging Face Hub (the tag's `hf_hub_id`); a log line says
@@ -92,7 +92,7 @@ def published_weights(cfg: dict[str, Any]) -> Path:
                                                  ) from None
             url_error = e
             _logger.warning('%s: the release URL failed (%s); trying the Hugging Face Hub copy %s%s', name,
-                            str(e).splitlines()[0], HUB_PREFIX, repo)
+                            str(e).splitlines()[0].rstrip('.'), HUB_PREFIX, repo)
         else:
             _logger.info('%s: weights from the release URL %s', name, url)
             return path

@@ -69,18 +69,20 @@ def import_hub():
     return huggingface_hub
 
 
-def hub_download(repo: str, filename: str) -> Path | None:
+def hub_download(repo: str, filename: str, cache_only: bool = False) -> Path | None:
     """`filename` of the Hub repo `ORG/REPO[@REVISION]`, from the Hub cache or downloaded into it.
 
     None when the Hub says the repo has no such file; a `PretrainedUnavailableError` naming the
-    repo and what to do when neither the Hub nor the cache can supply it.
+    repo and what to do when neither the Hub nor the cache can supply it. `cache_only` asks the
+    cache alone (no network, as with HF_HUB_OFFLINE).
     """
     hf = import_hub()
     from huggingface_hub import constants, errors
     repo_id, _, revision = repo.partition('@')
     name = f'{HUB_PREFIX}{repo}'
     try:
-        return Path(hf.hf_hub_download(repo_id, filename, revision=revision or None, library_name='xcit'))
+        return Path(hf.hf_hub_download(repo_id, filename, revision=revision or None, library_name='xcit',
+                                       local_files_only=cache_only))
     except errors.LocalEntryNotFoundError:
         offline = constants.HF_HUB_OFFLINE
         why = 'HF_HUB_OFFLINE is set' if offline else 'the Hub cannot be reached'
@@ -111,8 +113,9 @@ def hub_weights(repo: str, preferred: str | None = None) -> Path:
     unavailable = None
     for filename in names:
         try:
-            path = hub_download(repo, filename)
-        except PretrainedUnavailableError as e:  # offline, another file may still be in the cache
+            # once the Hub has failed, the cache alone: asking again would only wait for the same failure
+            path = hub_download(repo, filename, cache_only=unavailable is not None)
+        except PretrainedUnavailableError as e:  # another file may still be in the cache
             unavailable = unavailable or e
             continue
         if path is not None:
@@ -273,7 +276,8 @@ def model_card(model: nn.Module, config: Mapping[str, Any], repo_id: str | None 
         facts.append(('code', cfg['origin_url']))
     lines += ['| | |', '|---|---|'] + [f'| {k} | {v} |' for k, v in facts] + ['']
     name = f'{HUB_PREFIX}{repo_id}' if repo_id else f'{LOCAL_PREFIX}{folder or "DIR"}'
-    lines += ['## Use', '', '```python', 'import xcit', '', f"model = xcit.create_model('{name}', pretrained=True).eval()"]
+    lines += ['## Use', '', '```python', 'import xcit', '',
+              f"model = xcit.create_model('{name}', pretrained=True).eval()"]
     if timm_layout:
         lines += ['', '# timm reads the same files', 'import timm', '',
                   f"model = timm.create_model('{name}', pretrained=True).eval()"]

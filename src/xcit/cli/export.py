@@ -14,7 +14,8 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser('export', help='export a model to ONNX, TorchScript or a Hugging Face Hub folder', description=__doc__)
+    p = sub.add_parser('export', help='export a model to ONNX, TorchScript or a Hugging Face Hub folder',
+                       description=__doc__)
     p.add_argument('--model', required=True)
     p.add_argument('--checkpoint', help='weights (any supported format, or a training checkpoint)')
     p.add_argument('--onnx', type=Path, help='write ONNX here')
