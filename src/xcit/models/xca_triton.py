@@ -22,8 +22,9 @@ Products of tokens with tokens (q^T k, d_out^T v) take half-precision operands a
 are, with float32 accumulation, so raw q^T k cannot overflow even from float16 at
 10,000 tokens. Products of tokens with a float32 map (attn, the cosines' gradient) run
 in TF32, which holds half-precision tokens exactly and keeps 10 bits of the map where
-bfloat16 would keep 7. Float32 inputs multiply in IEEE float32 throughout (no TF32), as
-PyTorch's matmul does by default.
+bfloat16 would keep 7; except d_q and d_k, whose two terms cancel where few tokens carry a
+channel, and which run in IEEE float32. Float32 inputs multiply in IEEE float32 throughout
+(no TF32), as PyTorch's matmul does by default.
 
 Triton is imported when first asked about (by XCA(kernel='triton') when built, or by
 'auto' on a CUDA tensor), never by the package's import or a CPU model's default path;
@@ -230,8 +231,10 @@ def _grad_qk(qkv, d_cosine, norms, coefs, d_qkv, N, H, stride_b, stride_n, dq_st
         rows = qkv + b * stride_b + tok[:, None] * stride_n
         q = tl.load(rows + q_cols[None, :], mask=mask, other=0.0).to(tl.float32)  # (BLOCK_N, D)
         k = tl.load(rows + k_cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        d_q = tl.dot(k * inv_k[None, :], d_cos_t, input_precision=PRECISION) * inv_q[None, :] + q * coef_q[None, :]
-        d_k = tl.dot(q * inv_q[None, :], d_cos, input_precision=PRECISION) * inv_k[None, :] + k * coef_k[None, :]
+        # IEEE whatever PRECISION says: the two terms cancel where few tokens carry a channel (exactly, for one
+        # token), and TF32's 10 bits of the normalised tokens would leave the difference as error
+        d_q = tl.dot(k * inv_k[None, :], d_cos_t, input_precision='ieee') * inv_q[None, :] + q * coef_q[None, :]
+        d_k = tl.dot(q * inv_q[None, :], d_cos, input_precision='ieee') * inv_k[None, :] + k * coef_k[None, :]
         grad_rows = d_qkv + b * dq_stride_b + tok[:, None] * dq_stride_n
         tl.store(grad_rows + q_cols[None, :], d_q.to(d_qkv.dtype.element_ty), mask=mask)
         tl.store(grad_rows + k_cols[None, :], d_k.to(d_qkv.dtype.element_ty), mask=mask)
