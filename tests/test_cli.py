@@ -27,6 +27,31 @@ def test_models_pretrained_lists_urls(capsys):
     assert 'xcit_tiny_12_p8_384.fb_dist_in1k' in out and 'xcit_tiny_12_p8_384_dist.pth' in out
 
 
+def test_models_pretrained_shows_published_top1_and_hub_repo(capsys):
+    from xcit.registry import get_pretrained_cfg, list_models
+    assert main(['models', 'xcit_small_12_p16_224', 'cvt_13_384', '--pretrained']) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:4] == ['weights', 'input', 'top-1', 'hub']
+    rows = {line.split()[0]: line.split() for line in out[1:-1]}
+    assert set(rows) == set(list_models(['xcit_small_12_p16_224', 'cvt_13_384'], pretrained=True))
+    for name, row in rows.items():
+        cfg = get_pretrained_cfg(name)
+        assert 50 < cfg['top1'] < 100 and cfg['top1_source'], name  # a percentage, with the table it comes from
+        assert row[2] == f"{cfg['top1']:.2f}" and row[3] == (cfg.get('hf_hub_id') or '-') and row[4] == cfg['url']
+    assert rows['xcit_small_12_p16_224.fb_dist_in1k'][3] == 'timm/xcit_small_12_p16_224.fb_dist_in1k'
+    # distillation and fine-tuning at 384 were published as gains
+    assert float(rows['xcit_small_12_p16_224.fb_in1k'][2]) < float(rows['xcit_small_12_p16_224.fb_dist_in1k'][2])
+    assert 'facebookresearch/xcit README' in out[-1] and 'microsoft/CvT README' in out[-1]
+
+
+def test_every_published_weight_file_has_its_top1(capsys):
+    from xcit.registry import get_pretrained_cfg, list_models
+    for name in list_models(pretrained=True):
+        cfg = get_pretrained_cfg(name)
+        if name.split('.')[0].startswith(('xcit_', 'cvt_')):
+            assert 50 < cfg.get('top1', 0) < 100 and cfg.get('top1_source'), name
+
+
 def test_bad_input_is_one_line_and_exit_code_2(capsys):
     assert main(['models', 'nothing_like_this*']) == 2
     assert main(['bench', '--model', 'xcit_gigantic', '--resolutions', '64']) == 2

@@ -134,8 +134,9 @@ def build_model(name: str, pretrained_cfg_overlay: dict | None = None, pretraine
     entry = get_model_entry(name)
     cfg = dict(pretrained_cfg, architecture=entry.name) if pretrained_cfg is not None else get_pretrained_cfg(name)
     overlay = pretrained_cfg_overlay or {}
-    if 'url' in overlay and 'hf_hub_id' not in overlay:
-        cfg.pop('hf_hub_id', None)  # the Hub repo holds the registry's weights, not those of the URL put in their place
+    if 'url' in overlay:  # the Hub repo and the published accuracy are the registry's weights', not the URL's
+        for key in {'hf_hub_id', 'top1', 'top1_source'} - overlay.keys():
+            cfg.pop(key, None)
     cfg.update(overlay)
     if kwargs.get('num_classes') is None and 'num_classes' in cfg:
         kwargs['num_classes'] = cfg['num_classes']

@@ -35,9 +35,10 @@ MODEL_CARD_FILE = 'README.md'
 # the weight files of a timm-style repo, in the order timm prefers them
 WEIGHT_FILES = (WEIGHTS_FILE, 'pytorch_model.bin', 'pytorch_model.pth', 'model.pth')
 INSTALL_HINT = 'pip install "xcit[hub]"'
-# pretrained-cfg entries that say where a file was fetched from: a saved copy is not there
+# pretrained-cfg entries about the published file (where it was fetched from, the accuracy its release
+# table states): a saved copy is neither there nor known to score that (and timm's cfg has no accuracy field)
 SOURCE_KEYS = frozenset({'url', 'file', 'hf_hub_id', 'hf_hub_filename', 'source', 'file_name', 'download_page',
-                         'checkpoint_format'})
+                         'checkpoint_format', 'top1', 'top1_source'})
 # pretrained-cfg entries that JSON stores as lists and the models' cfgs keep as tuples
 _TUPLE_KEYS = ('input_size', 'test_input_size', 'min_input_size', 'mean', 'std', 'pool_size')
 

@@ -1,4 +1,4 @@
-"""`xcit models [PATTERN]`: the registered architectures, their size and published weights."""
+"""`xcit models [PATTERN]`: the registered architectures, their size and published weights with their accuracy."""
 from __future__ import annotations
 
 import argparse
@@ -26,10 +26,14 @@ def run(args: argparse.Namespace) -> int:
     if not names:
         raise ValueError(f"no model matches {' '.join(args.pattern)}")
     if args.pretrained:
-        print(f"{'weights':<42} {'input':>5}  url")
+        print(f"{'weights':<42} {'input':>5} {'top-1':>6}  {'hub':<42} url")
+        sources = {}
         for name in names:
             cfg = get_pretrained_cfg(name)
-            print(f"{name:<42} {cfg['input_size'][-1]:>5}  {cfg['url']}")
+            top1 = f"{cfg['top1']:.2f}" if cfg.get('top1') is not None else '-'
+            sources.setdefault(cfg.get('top1_source'), None)
+            print(f"{name:<42} {cfg['input_size'][-1]:>5} {top1:>6}  {cfg.get('hf_hub_id') or '-':<42} {cfg['url']}")
+        print(f"top-1: published ImageNet-1k accuracy (%), from {'; '.join(filter(None, sources))}")
         return 0
     print(f"{'model':<28} {'family':<8} {'params (M)':>10} {'input':>5}  weights")
     for name in names:

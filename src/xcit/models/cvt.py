@@ -513,25 +513,27 @@ _CVT_SIZES = {
     'w24': dict(embed_dims=(192, 768, 1024), depths=(2, 2, 20), num_heads=(3, 12, 16)),
 }
 _HF_URL = 'https://huggingface.co/{}/resolve/main/pytorch_model.bin'
-# architecture -> {tag: (Hugging Face hub repo, official release file name)}; the first tag is the default
+# architecture -> {tag: (Hugging Face hub repo, official release file name, ImageNet-1k top-1 in the CvT README)};
+# the first tag is the default
 _CVT_VARIANTS = {
-    'cvt_13_224': {'ms_in1k': ('microsoft/cvt-13', 'CvT-13-224x224-IN-1k.pth')},
-    'cvt_13_384': {'ms_in22k_ft_in1k': ('microsoft/cvt-13-384-22k', 'CvT-13-384x384-IN-22k.pth'),
-                   'ms_in1k': ('microsoft/cvt-13-384', 'CvT-13-384x384-IN-1k.pth')},
-    'cvt_21_224': {'ms_in1k': ('microsoft/cvt-21', 'CvT-21-224x224-IN-1k.pth')},
-    'cvt_21_384': {'ms_in22k_ft_in1k': ('microsoft/cvt-21-384-22k', 'CvT-21-384x384-IN-22k.pth'),
-                   'ms_in1k': ('microsoft/cvt-21-384', 'CvT-21-384x384-IN-1k.pth')},
-    'cvt_w24_384': {'ms_in22k_ft_in1k': ('microsoft/cvt-w24-384-22k', 'CvT-w24-384x384-IN-22k.pth')},
+    'cvt_13_224': {'ms_in1k': ('microsoft/cvt-13', 'CvT-13-224x224-IN-1k.pth', 81.6)},
+    'cvt_13_384': {'ms_in22k_ft_in1k': ('microsoft/cvt-13-384-22k', 'CvT-13-384x384-IN-22k.pth', 83.3),
+                   'ms_in1k': ('microsoft/cvt-13-384', 'CvT-13-384x384-IN-1k.pth', 83.0)},
+    'cvt_21_224': {'ms_in1k': ('microsoft/cvt-21', 'CvT-21-224x224-IN-1k.pth', 82.5)},
+    'cvt_21_384': {'ms_in22k_ft_in1k': ('microsoft/cvt-21-384-22k', 'CvT-21-384x384-IN-22k.pth', 84.9),
+                   'ms_in1k': ('microsoft/cvt-21-384', 'CvT-21-384x384-IN-1k.pth', 83.3)},
+    'cvt_w24_384': {'ms_in22k_ft_in1k': ('microsoft/cvt-w24-384-22k', 'CvT-w24-384x384-IN-22k.pth', 87.6)},
 }
 
 
-def _cfg(resolution: int, hub_id: str, file_name: str) -> dict:
+def _cfg(resolution: int, hub_id: str, file_name: str, top1: float) -> dict:
     # official evaluation: 224 models resize to 256 and center-crop; 384 models are resized (warped) to 384x384
     crop = dict(crop_pct=0.875, crop_mode='center') if resolution == 224 else dict(crop_pct=1.0, crop_mode='squash')
     return shared_cfg(
         url=_HF_URL.format(hub_id), hf_hub_id=hub_id, file_name=file_name, input_size=(3, resolution, resolution),
         first_conv='stage0.patch_embed.proj', license='mit', paper_ids='arXiv:2103.15808',
-        origin_url='https://github.com/microsoft/CvT', checkpoint_format='hf_transformers', **crop)
+        origin_url='https://github.com/microsoft/CvT', checkpoint_format='hf_transformers', top1=top1,
+        top1_source='microsoft/CvT README', **crop)
 
 
 for _name, _tags in _CVT_VARIANTS.items():
@@ -540,5 +542,5 @@ for _name, _tags in _CVT_VARIANTS.items():
         _name,
         partial(create_family, CvT, CvTFeatures, img_size=int(_res), **_CVT_SIZES[_size]),
         family='cvt',
-        cfgs={tag: _cfg(int(_res), hub_id, file_name) for tag, (hub_id, file_name) in _tags.items()},
+        cfgs={tag: _cfg(int(_res), *release) for tag, release in _tags.items()},
     )

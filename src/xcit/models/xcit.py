@@ -757,22 +757,52 @@ def _cfg(url: str, resolution: int, **kwargs) -> dict:
                       license='apache-2.0', paper_ids='arXiv:2106.09681') | kwargs
 
 
-def _xcit_cfgs(name: str, resolution: int) -> dict[str, dict]:
-    origin = dict(origin_url='https://github.com/facebookresearch/xcit')
-    passl = dict(origin_url='https://github.com/PaddlePaddle/PASSL', checkpoint_format='passl')
+# published ImageNet-1k top-1 (%), with the table that states it, so that `xcit models --pretrained` can show it:
+# facebookresearch/xcit README (crop 1.0): (size, patch) -> (224, 224 distilled, 384 distilled)
+_FB_TOP1 = {
+    ('nano_12', 16): (69.9, 72.2, 75.4), ('nano_12', 8): (73.8, 76.3, 77.8),
+    ('tiny_12', 16): (77.1, 78.6, 80.9), ('tiny_12', 8): (79.7, 81.2, 82.4),
+    ('tiny_24', 16): (79.4, 80.4, 82.6), ('tiny_24', 8): (81.9, 82.6, 83.7),
+    ('small_12', 16): (82.0, 83.3, 84.7), ('small_12', 8): (83.4, 84.2, 85.1),
+    ('small_24', 16): (82.6, 83.9, 85.1), ('small_24', 8): (83.9, 84.9, 85.6),
+    ('medium_24', 16): (82.7, 84.3, 85.4), ('medium_24', 8): (83.7, 85.1, 85.8),
+    ('large_24', 16): (82.9, 84.9, 85.8), ('large_24', 8): (84.4, 85.4, 86.0),
+}
+_FB_TOP1_SOURCE = 'facebookresearch/xcit README'
+# PaddlePaddle/PASSL configs/xcit/README.md (crop 1.0): (size, patch) -> top-1; its one distilled run apart
+_PASSL_TOP1 = {
+    ('nano_12', 16): 70.01, ('nano_12', 8): 73.90, ('tiny_12', 16): 77.15, ('tiny_12', 8): 79.68,
+    ('tiny_24', 16): 79.42, ('tiny_24', 8): 81.87, ('small_12', 16): 81.89, ('small_12', 8): 83.36,
+    ('small_24', 16): 82.51, ('small_24', 8): 83.82, ('medium_24', 16): 82.67, ('medium_24', 8): 83.73,
+    ('large_24', 16): 82.89, ('large_24', 8): 84.42,
+}
+_PASSL_DIST_TOP1 = 77.28
+_PASSL_TOP1_SOURCE = 'PaddlePaddle/PASSL configs/xcit/README.md'
+# the DINO backbones carry no classifier: a linear classifier trained on their frozen features
+_DINO_LINEAR_TOP1 = {('small_12', 16): 77.8, ('small_12', 8): 79.2, ('medium_24', 16): 78.8, ('medium_24', 8): 80.3}
+
+
+def _xcit_cfgs(size: str, patch: int, resolution: int) -> dict[str, dict]:
+    name = f'xcit_{size}_p{patch}_{resolution}'
+    origin = dict(origin_url='https://github.com/facebookresearch/xcit', top1_source=_FB_TOP1_SOURCE)
+    passl = dict(origin_url='https://github.com/PaddlePaddle/PASSL', checkpoint_format='passl',
+                 top1_source=_PASSL_TOP1_SOURCE)
+    plain, dist_224, dist_384 = _FB_TOP1[size, patch]
     cfgs = {}
     if resolution == 224:  # no undistilled 384 models were released
         cfgs['fb_in1k'] = _cfg(_FB_URL.format(name), resolution, hf_hub_id=_TIMM_HUB_ID.format(name, 'fb_in1k'),
-                               **origin)
+                               top1=plain, **origin)
     cfgs['fb_dist_in1k'] = _cfg(_FB_URL.format(name + '_dist'), resolution,
-                                hf_hub_id=_TIMM_HUB_ID.format(name, 'fb_dist_in1k'), **origin)
+                                hf_hub_id=_TIMM_HUB_ID.format(name, 'fb_dist_in1k'),
+                                top1=dist_224 if resolution == 224 else dist_384, **origin)
     if resolution == 224:
-        cfgs['passl_in1k'] = _cfg(_PASSL_URL.format(name), resolution, **passl)
+        cfgs['passl_in1k'] = _cfg(_PASSL_URL.format(name), resolution, top1=_PASSL_TOP1[size, patch], **passl)
     if name in _PASSL_DIST:
-        cfgs['passl_dist_in1k'] = _cfg(_PASSL_URL.format(name + '_dist'), resolution, **passl)
+        cfgs['passl_dist_in1k'] = _cfg(_PASSL_URL.format(name + '_dist'), resolution, top1=_PASSL_DIST_TOP1, **passl)
     if name in _DINO:
         cfgs['dino'] = _cfg(_DINO_URL.format(name.removesuffix('_224')), resolution, num_classes=0,
-                            origin_url='https://github.com/facebookresearch/dino', paper_ids='arXiv:2104.14294')
+                            origin_url='https://github.com/facebookresearch/dino', paper_ids='arXiv:2104.14294',
+                            top1=_DINO_LINEAR_TOP1[size, patch], top1_source=f'{_FB_TOP1_SOURCE} (linear evaluation)')
     return cfgs
 
 
@@ -785,6 +815,6 @@ for _size, (_dim, _depth, _heads, _tokens_norm) in _XCIT_SIZES.items():
                 partial(create_family, XCiT, XCiTDense, img_size=_res, patch_size=_patch, embed_dim=_dim, depth=_depth,
                         num_heads=_heads, eta=1.0 if _depth == 12 else 1e-5, tokens_norm=_tokens_norm),
                 family='xcit',
-                cfgs=_xcit_cfgs(_name, _res),
+                cfgs=_xcit_cfgs(_size, _patch, _res),
             )
             register_alias(f'{_name}_dist', f'{_name}.fb_dist_in1k')  # timm's pre-tag names
