@@ -23,6 +23,7 @@ from xcit.checkpoints.paddle import write_paddle_pickle
 from xcit.config import Config, ConfigError, load_config
 
 NAME = 'xcit_nano_12_p16_224'
+DIGITS = str(Path(__file__).resolve().parents[1] / 'configs' / 'demo' / 'digits_xcit.yaml')
 
 
 @pytest.fixture(scope='module')
@@ -584,6 +585,14 @@ def test_checkpoint_for_another_model_is_one_line_naming_both(tmp_path, capsys):
     (['export', '--model', NAME, '--torchscript', '{tmp}/m.pt', '--image-size', '100000'], 'between 32 and 4096'),
     (['export', '--model', NAME], 'nothing to write'),
     (['models', 'nothing_like_this*'], 'no model matches'),
+    (['eval', '-c', DIGITS, '--load', '{w}', '--image-sizes', '32,x'], "--image-sizes: 'x' is not an integer"),
+    (['eval', '-c', DIGITS, '--load', '{w}', '--image-sizes', '32,8'], '--image-sizes: 8 is outside 16 to 4096'),
+    (['eval', '-c', DIGITS, '--load', '{w}', '--image-sizes', '5000'], '--image-sizes: 5000 is outside 16 to 4096'),
+    (['eval', '-c', DIGITS, '--load', '{w}', '--image-sizes', '32', '--compare-model', 'deit_tiny_patch16_224'],
+     'which is missing'),
+    (['eval', '-c', DIGITS, '--load', '{w}', '--image-sizes', '32', '--compare-load', '{w}', '--compare-model',
+      'no_such_net'], "'no_such_net' is neither an xcit nor a timm model"),
+    (['eval', '-c', DIGITS, '--load', '{w}', '--out', '{tmp}'], 'go with --image-sizes'),
     (['convert', '{w}', '{tmp}/x.pth', '--model', 'resnet50'], "Unknown model 'resnet50'"),
     (['convert', '{w}', '{tmp}/x.weights'], 'cannot tell the format'),
     (['convert', '{w}', '{tmp}/x.pth', '--use-ema'], 'no model_ema'),

@@ -107,15 +107,16 @@ def run_sweep(config: Config, load: str, sizes: list[int], compare_load: str | N
     """The checkpoint `load` (and `compare_load`) at each size, on the config's validation data."""
     from ..seeding import rng_scope
     from ..tasks import build_task
-    task = build_task(config, load, evaluate_only=True)
     if config.task != 'classification':
         raise ValueError(f'--image-sizes measures classification accuracy; this config runs task {config.task!r}')
+    task = build_task(config, load, evaluate_only=True)
+    # a bad name or file for the second model fails before anything is evaluated
+    other = comparison_model(config, compare_model, compare_load, task.num_classes) if compare_load else None
     with distributed_session(config.train.device) as env:
         with rng_scope(config.seed):
             task.setup(env, fresh=True)
         results = sweep_sizes(task, task.model, f'{config.model.name} ({Path(load).name})', config, sizes, env)
-        if compare_load:
-            other = comparison_model(config, compare_model, compare_load, task.num_classes)
+        if other is not None:
             label = f'{compare_model or config.model.name} ({Path(compare_load).name})'
             results += sweep_sizes(task, other, label, config, sizes, env)
     return results
