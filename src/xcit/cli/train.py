@@ -83,6 +83,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_resolution_sweep(args: argparse.Namespace) -> int:
+    import os
     from pathlib import Path
 
     from .resolution import format_table, parse_sizes, run_sweep, write_results
@@ -93,6 +94,8 @@ def run_resolution_sweep(args: argparse.Namespace) -> int:
         raise ValueError('--compare-model names the architecture of --compare-load, which is missing')
     config = load_config(args.config, args.override)
     results = run_sweep(config, args.load, sizes, args.compare_load, args.compare_model)
+    if int(os.environ.get('RANK', 0)) != 0:  # under torchrun, one process reports
+        return 0
     weights = Path(args.load)
     out = Path(args.out) if args.out else weights.parent if (weights.parent / 'config.yaml').is_file() else Path.cwd()
     print(format_table(results))
