@@ -87,15 +87,20 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal['imagefolder', 'labellist', 'digits', 'digit_views', 'digit_scenes', 'coco',
+    dataset: Literal['imagefolder', 'labellist', 'webdataset', 'digits', 'digit_views', 'digit_scenes', 'coco',
                      'semantic_folder'] = 'digits'
     root: str | None = Field(None, description=(
-        'imagefolder: folder with the split folders; labellist: image root; coco: folder with the split '
-        'image folders and annotations/instances_<split>.json; semantic_folder: see semantic_layout'))
+        'imagefolder: folder with the split folders; labellist: image root; webdataset: folder with the .tar '
+        'shards and their info.json; coco: folder with the split image folders and '
+        'annotations/instances_<split>.json; semantic_folder: see semantic_layout'))
     train_split: str = Field('train', description=(
-        'imagefolder, coco: sub-folder (coco: e.g. train2017); labellist: label file; semantic_folder: the '
-        "split's folder (ade20k: training) or list (voc)"))
-    val_split: str = Field('val', description='imagefolder: sub-folder; labellist: label file')
+        'imagefolder, coco: sub-folder (coco: e.g. train2017); labellist: label file; webdataset: a split of '
+        "info.json or a brace pattern of shards (train-{000000..000009}.tar); semantic_folder: the split's "
+        'folder (ade20k: training) or list (voc)'))
+    val_split: str = Field('val', description='imagefolder: sub-folder; labellist: label file; webdataset: as train_split')
+    shuffle_buffer: int = Field(1000, ge=0, le=1_000_000, description=(
+        'webdataset: samples held to shuffle the training stream (shards are shuffled too); 0: the shards and '
+        'samples in their written order'))
     image_size: int | None = Field(None, ge=8, le=4096, description=(
         "default: the model's pretrained input size; at most 4096, and one batch of float32 images "
         "(batch_size x 3 x image_size^2 x 4 bytes) must fit in 16 GiB"))

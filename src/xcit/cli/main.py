@@ -8,11 +8,12 @@ import sys
 from ..checkpoints import CheckpointError
 from ..data.datasets import UnreadableImageError
 from ..engine import TrainingDiverged
-from . import attention, bench, config, convert, export, extract_weights, models, predict, train
+from . import attention, bench, config, convert, data, export, extract_weights, models, predict, train
 from ._weights import error
 
 COMMANDS = {'train': train, 'predict': predict, 'models': models, 'config': config, 'convert': convert,
-            'extract-weights': extract_weights, 'attention': attention, 'export': export, 'bench': bench}
+            'extract-weights': extract_weights, 'attention': attention, 'export': export, 'bench': bench,
+            'data': data}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,14 +10,17 @@ from ..config import ConfigError, Config
 from ..registry import IMAGENET_MEAN, IMAGENET_STD
 from .datasets import DigitsSource, SampleSource, TransformedDataset, collate, image_folder, label_list
 from .samplers import ShardSampler, TrainSampler
+from .shards import ShardSet, ShardStream, StreamLoader, eval_stream_loader, shard_set
 
 __all__ = ['DataBundle', 'EpochLoader', 'build_data', 'build_eval_loader', 'build_eval_transform', 'build_mixup', 'build_source', 'build_train_transform',
            'input_spec']
 
 
-def build_source(config: Config, split: str) -> SampleSource:
+def build_source(config: Config, split: str) -> SampleSource | ShardSet:
     data = config.data
     name = data.train_split if split == 'train' else data.val_split
+    if data.dataset == 'webdataset':
+        return shard_set(data.root, name)
     if data.dataset == 'digits':
         return DigitsSource(split, size=data.digits_size)
     if data.dataset == 'digit_views':
@@ -102,10 +105,13 @@ class DataBundle:
     classes: list[str]
 
 
-def build_eval_loader(config: Config, model_cfg: dict, source: SampleSource, rank: int = 0, world_size: int = 1,
-                      pin_memory: bool = False) -> DataLoader:
+def build_eval_loader(config: Config, model_cfg: dict, source: SampleSource | ShardSet, rank: int = 0,
+                      world_size: int = 1, pin_memory: bool = False) -> DataLoader:
     """`source` through the evaluation transform, in order, each rank its exact share."""
     data = config.data
+    if isinstance(source, ShardSet):
+        return eval_stream_loader(source, build_eval_transform(config, model_cfg), data.eval_batch_size or data.batch_size,
+                                  rank, world_size, data.num_workers, data.on_corrupt, pin_memory)
     dataset = TransformedDataset(source, build_eval_transform(config, model_cfg), training=False,
                                  on_corrupt=data.on_corrupt, seed=config.seed)
     return DataLoader(dataset, batch_size=data.eval_batch_size or data.batch_size,
@@ -113,7 +119,8 @@ def build_eval_loader(config: Config, model_cfg: dict, source: SampleSource, ran
                       collate_fn=collate, pin_memory=pin_memory, generator=torch.Generator().manual_seed(config.seed))
 
 
-def build_data(config: Config, model_cfg: dict, train_source: SampleSource | None, val_source: SampleSource,
+def build_data(config: Config, model_cfg: dict, train_source: SampleSource | ShardSet | None,
+               val_source: SampleSource | ShardSet,
                rank: int = 0, world_size: int = 1, pin_memory: bool = False, train_transform=None) -> DataBundle:
     """Loaders for training (sharded, shuffled, resumable; none without a source) and evaluation (sharded, exact).
 
@@ -130,8 +137,13 @@ def build_data(config: Config, model_cfg: dict, train_source: SampleSource | Non
     if len(train_source) < data.batch_size * world_size:
         raise ConfigError(f'the training set has {len(train_source)} images, fewer than one global batch '
                           f'({data.batch_size} x {world_size} processes)')
-    train_set = TransformedDataset(train_source, train_transform or build_train_transform(config, model_cfg),
-                                   training=True, on_corrupt=data.on_corrupt, seed=config.seed)
+    transform = train_transform or build_train_transform(config, model_cfg)
+    if isinstance(train_source, ShardSet):
+        stream = ShardStream(train_source, transform, data.batch_size, training=True, rank=rank,
+                             world_size=world_size, seed=config.seed, shuffle_buffer=data.shuffle_buffer,
+                             on_corrupt=data.on_corrupt)
+        return DataBundle(StreamLoader(stream, data.num_workers, pin_memory), val, train_source.classes)
+    train_set = TransformedDataset(train_source, transform, training=True, on_corrupt=data.on_corrupt, seed=config.seed)
     sampler = TrainSampler(len(train_set), world_size, rank, seed=config.seed, repeats=config.augment.repeated_aug)
     train = DataLoader(train_set, batch_size=data.batch_size, sampler=sampler, drop_last=True, **common)
     return DataBundle(EpochLoader(train, sampler, train_set), val, train_source.classes)
