@@ -18,6 +18,7 @@ already trained on without decoding them.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import math
 import os
@@ -144,21 +145,19 @@ class ShardStream(IterableDataset):
         import webdataset as wds
         urls = self.rank_shards()
         if not urls:
-            return iter(())
+            return
         lengths = dict(zip(self.shards.urls, self.shards.lengths))
         if self.training and not sum(lengths[url] for url in urls):
             raise ConfigError(f'the shards of process {self.rank} hold no samples: {", ".join(urls)}')
 
-        def passes():
-            while True:
-                yield from ({'url': url} for url in urls)
-                if not self.training:
-                    return
-        stream = wds.tarfile_to_samples()(passes())
-        if self.training and self.shuffle_buffer > 0:
-            stream = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                                 seed=sample_seed(self.seed, self.epoch, self.rank))(stream)
-        return stream
+        for repeat in itertools.count():  # a share too short for the epoch is read again, reshuffled
+            stream = wds.tarfile_to_samples()({'url': url} for url in urls)
+            if self.training and self.shuffle_buffer > 0:
+                stream = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+                                     seed=sample_seed(self.seed, self.epoch, self.rank, repeat))(stream)
+            yield from stream
+            if not self.training:
+                return
 
     def __iter__(self) -> Iterator[Batch]:
         worker = get_worker_info()
