@@ -695,3 +695,46 @@ def test_label_list_that_is_not_text(tmp_path):
     (tmp_path / 'train.txt').write_bytes(b'img/a.png 0\n\xff\xfe\x00\x01')
     with pytest.raises(ConfigError, match='not UTF-8'):
         label_list(tmp_path, 'train.txt')
+
+
+def test_pack_with_bad_arguments_is_one_line_and_keeps_what_is_there(tmp_path, capsys):
+    from xcit.data.shards import pack_split
+    from xcit.data.views import DigitViews
+    shards = tmp_path / 'shards'
+    pack_split(DigitViews('val', size=16), shards, 'val', shard_size=200)
+    before = {p.name: p.read_bytes() for p in shards.iterdir()}
+    a_file = _png(tmp_path / 'a.png')
+    (tmp_path / 'empty').mkdir()
+    for argv, needle in [
+        (['nowhere', shards], 'nowhere: no such folder or label list'),
+        (['digits', shards, '--shard-size', '0'], '--shard-size must be at least 1'),
+        (['digits', a_file], 'exists and is not a folder'),
+        (['digits', shards, '--split', '../up'], '--split must be a plain name'),
+        (['digits', shards, '--digits-size', '4'], '--digits-size must be 8 to 512'),
+        (['digit_views', shards, '--split', 'val', '--digits-size', '16'], 'val-000000.tar exists'),
+        ([tmp_path / 'empty', tmp_path / 'out'], "find any class folder"),
+    ]:
+        code, _, err = cli(capsys, 'data', 'pack', *argv)
+        assert_one_error(code, err, needle)
+    assert {p.name: p.read_bytes() for p in shards.iterdir()} == before
+
+
+def test_webdataset_configs_that_point_at_no_shards(tmp_path, capsys):
+    from xcit.data.datasets import DigitsSource
+    from xcit.data.shards import pack_split
+    shards = tmp_path / 'shards'
+    pack_split(DigitsSource('val', size=8), shards, 'val', shard_size=400)
+    (tmp_path / 'bad').mkdir()
+    (tmp_path / 'bad' / 'info.json').write_text('{"splits": [')
+    for overrides, needle in [
+        ([f'data.root={tmp_path / "none"}'], 'shard folder not found'),
+        ([f'data.root={tmp_path}'], 'info.json not found'),
+        ([f'data.root={tmp_path / "bad"}'], 'not a JSON shard index'),
+        ([f'data.root={shards}'], "no split 'train' (splits: val)"),
+        ([f'data.root={shards}', 'data.train_split=val-{000000..000001}.tar'], 'shard not found'),
+    ]:
+        argv = ['train', '-c', _write(tmp_path / 'c.yaml', 'data: {dataset: webdataset}\n')]
+        for override in overrides:
+            argv += ['-o', override]
+        code, _, err = cli(capsys, *argv)
+        assert_one_error(code, err, needle)

@@ -76,10 +76,12 @@ def shard_set(root: str | os.PathLike, split: str) -> ShardSet:
         names = list(splits[split].get('filenames', []))
     elif '.tar' in split:
         names = list(braceexpand.braceexpand(split))
+    elif not (folder / INFO_FILE).is_file():
+        raise ConfigError(f'{folder / INFO_FILE} not found: write shards with `xcit data pack`, or give a brace '
+                          f'pattern of .tar shards for split {split!r}')
     else:
-        known = ', '.join(splits) or 'none'
-        raise ConfigError(f'{folder / INFO_FILE}: no split {split!r} (splits: {known}); give a split of it or a '
-                          f'brace pattern of .tar shards')
+        raise ConfigError(f"{folder / INFO_FILE}: no split {split!r} (splits: {', '.join(splits) or 'none'}); "
+                          f'give a split of it or a brace pattern of .tar shards')
     if not names:
         raise ConfigError(f'{folder}: split {split!r} lists no shards')
     for name in names:
