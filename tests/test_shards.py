@@ -193,3 +193,25 @@ def test_two_torchrun_nodes_train_alike_from_shards(tmp_path, capsys):
         assert torch.equal(checkpoint['model'][key], nodes[0][key]), key
     rows = (tmp_path / 'runs' / 'tiny' / 'metrics.jsonl').read_text().splitlines()
     assert len(rows) == 1 and json.loads(rows[0])['eval_count'] == 359
+
+
+def test_the_slurm_script_starts_one_agent_per_node_at_the_first_nodes_rendezvous(tmp_path):
+    """scontrol and srun stand-ins: the script must hand torchrun the job's node count, its first node and
+    its id, and `xcit train` the arguments it was given."""
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    (bin_dir / 'scontrol').write_text('#!/bin/sh\nprintf "gpu-017\\ngpu-018\\ngpu-019\\n"\n')
+    (bin_dir / 'srun').write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$ARGS_OUT"\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = dict(os.environ, PATH=f'{bin_dir}{os.pathsep}{os.environ["PATH"]}', ARGS_OUT=str(tmp_path / 'args'),
+               SLURM_JOB_NODELIST='gpu-[017-019]', SLURM_JOB_NUM_NODES='3', SLURM_GPUS_ON_NODE='4',
+               SLURM_JOB_ID='4242')
+    proc = subprocess.run(['bash', os.path.join(ROOT, 'scripts', 'slurm_train.sh'), '-c', 'my config.yaml',
+                           '-o', 'data.root=/data/shards'], env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / 'args').read_text().splitlines()
+    launch = args[args.index('torchrun') + 1:]
+    assert launch == ['--nnodes', '3', '--nproc-per-node', '4', '--rdzv-backend', 'c10d',
+                      '--rdzv-endpoint', 'gpu-017:29500', '--rdzv-id', '4242', '-m', 'xcit.cli.main', 'train',
+                      '-c', 'my config.yaml', '-o', 'data.root=/data/shards']
