@@ -218,3 +218,37 @@ def test_the_slurm_script_starts_one_agent_per_node_at_the_first_nodes_rendezvou
     assert launch == ['--nnodes', '3', '--nproc-per-node', '4', '--rdzv-backend', 'c10d',
                       '--rdzv-endpoint', 'gpu-017:29500', '--rdzv-id', '4242', '-m', 'xcit.cli.main', 'train',
                       '-c', 'my config.yaml', '-o', 'data.root=/data/shards']
+
+
+@pytest.mark.slow
+def test_a_run_from_shards_stopped_mid_epoch_resumes_bit_exactly(tmp_path, capsys, monkeypatch):
+    """Stopped just after its mid-epoch checkpoint in the second epoch, resumed from it: the same final
+    weights as the run that was never stopped."""
+    from xcit.engine import loop
+    from xcit.tasks import run
+    shards = tmp_path / 'shards'
+    assert cli(capsys, 'data', 'pack', 'digits', shards, '--shard-size', '300', '--digits-size', '16')[0] == 0
+    config = tiny_run_config(tmp_path, **{'data.dataset': 'webdataset', 'data.root': str(shards),
+                                          'data.shuffle_buffer': 200, 'train.checkpoint_interval': 5})
+    reference = run(load_config(config, ['experiment=reference']))
+    assert reference.history[-1]['epoch'] == 1
+
+    stop_after = 50  # 44 steps an epoch: the checkpoint at step 50 is 6 batches into the second epoch
+    step = loop._Trainer.optimizer_step
+
+    def stopping_step(self):
+        if self.step == stop_after:
+            raise KeyboardInterrupt
+        return step(self)
+    monkeypatch.setattr(loop._Trainer, 'optimizer_step', stopping_step)
+    with pytest.raises(KeyboardInterrupt):
+        run(load_config(config, ['experiment=stopped']))
+    monkeypatch.setattr(loop._Trainer, 'optimizer_step', step)
+    last = tmp_path / 'runs' / 'stopped' / 'last.pth'
+    state = torch.load(last, weights_only=True)
+    assert (state['epoch'], state['step'], state['batch_in_epoch']) == (1, 50, 6)
+
+    resumed = run(load_config(config), resume=last)
+    expected = reference.model.state_dict()
+    for key, value in resumed.model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
