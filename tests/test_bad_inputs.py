@@ -738,3 +738,16 @@ def test_webdataset_configs_that_point_at_no_shards(tmp_path, capsys):
             argv += ['-o', override]
         code, _, err = cli(capsys, *argv)
         assert_one_error(code, err, needle)
+
+
+def test_pack_leaves_out_missing_files_and_keeps_no_half_written_split(tmp_path, capsys):
+    images = tmp_path / 'images'
+    _png(images / 'a.png', 10)
+    listing = _write(tmp_path / 'train_list.txt', 'a.png 0\nmissing.png 1\n')
+    code, out, err = cli(capsys, 'data', 'pack', listing, tmp_path / 'shards', '--image-root', images)
+    assert code == 0 and err == [] and out[0].startswith('train: 1 samples in 1 shards'), (out, err)
+    assert out[1] == f"train: 1 unreadable images left out: {images / 'missing.png'}"
+    nothing = _write(tmp_path / 'val_list.txt', 'missing.bmp 0\nmissing.gif 1\n')
+    code, _, err = cli(capsys, 'data', 'pack', nothing, tmp_path / 'shards', '--image-root', images)
+    assert_one_error(code, err, "split 'val': none of its 2 images can be read")
+    assert sorted(p.name for p in (tmp_path / 'shards').iterdir()) == ['info.json', 'train-000000.tar']

@@ -53,6 +53,11 @@ def test_pack_writes_counted_shards_and_refuses_to_overwrite(tmp_path):
     assert [t for b in batches for t in b.targets.tolist()] == [i % 10 for i in range(25)]
     with pytest.raises(ValueError, match='train-000000.tar exists'):
         pack_split(NumberedImages(5), tmp_path, 'train', shard_size=10)
+    other = NumberedImages(5)
+    other.classes = ['cat', 'dog']
+    with pytest.raises(ValueError, match='other classes'):
+        pack_split(other, tmp_path, 'val', shard_size=10)
+    assert not list(tmp_path.glob('val-*'))
 
 
 def test_two_ranks_read_disjoint_shards_covering_the_set_each_epoch(tmp_path):

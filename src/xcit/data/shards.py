@@ -232,7 +232,10 @@ def _record(source: SampleSource, index: int) -> dict | None:
     if path is not None:
         kind = RAW_SUFFIXES.get(Path(path[index]).suffix.lower())
         if kind is not None:  # copied unread: a corrupt file stays corrupt, and training skips and counts it
-            record[kind] = Path(path[index]).read_bytes()
+            try:
+                record[kind] = Path(path[index]).read_bytes()
+            except OSError:
+                return None
             return record
     try:
         image = source.load(index)
@@ -253,26 +256,36 @@ def pack_split(source: SampleSource, folder: str | os.PathLike, split: str, shar
         raise ConfigError(f'split {split!r} has no samples to pack')
     folder.mkdir(parents=True, exist_ok=True)
     info = read_info(folder)
-    if info.get('classes') not in (None, list(source.classes)):
+    known, classes = info.get('classes') or [], list(source.classes)
+    if known[:len(classes)] != classes[:len(known)]:  # a label list's split may lack the last classes
         raise ConfigError(f'{folder / INFO_FILE}: its other splits have other classes; pack into another folder')
     pattern = str(folder / f'{split}-%06d.tar')
     existing = sorted(p.name for p in folder.glob(f'{split}-*.tar'))
     if existing:
         raise ConfigError(f'{folder / existing[0]} exists: pack split {split!r} into a folder without its shards')
     lengths, unreadable = [], []
-    with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0) as writer:
-        for index in range(len(source)):
-            record = _record(source, index)
-            if record is None:
-                unreadable.append(source.describe(index))
-                continue
-            if writer.count >= shard_size or not lengths:
-                lengths.append(0)
-            writer.write({'__key__': f'{index:08d}', **record})
-            lengths[-1] += 1
+    try:
+        with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0) as writer:
+            for index in range(len(source)):
+                record = _record(source, index)
+                if record is None:
+                    unreadable.append(source.describe(index))
+                    continue
+                if writer.count >= shard_size or not lengths:
+                    lengths.append(0)
+                writer.write({'__key__': f'{index:08d}', **record})
+                lengths[-1] += 1
+        if not lengths:
+            raise ConfigError(f'split {split!r}: none of its {len(source)} images can be read')
+    except BaseException:  # no half-written split: its shards go, the other splits and info.json stay
+        for shard in folder.glob(f'{split}-*.tar'):
+            shard.unlink()
+        raise
     names = [f'{split}-{i:06d}.tar' for i in range(len(lengths))]
     entry = dict(filenames=names, shard_lengths=lengths, num_samples=sum(lengths))
     info.setdefault('splits', {})[split] = entry
-    info['classes'] = list(source.classes)
-    (folder / INFO_FILE).write_text(json.dumps(info, indent=1) + '\n', encoding='utf-8')
+    info['classes'] = max(known, classes, key=len)
+    written = folder / f'.{INFO_FILE}.partial'
+    written.write_text(json.dumps(info, indent=1) + '\n', encoding='utf-8')
+    written.replace(folder / INFO_FILE)
     return entry, unreadable
