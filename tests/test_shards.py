@@ -257,3 +257,16 @@ def test_a_run_from_shards_stopped_mid_epoch_resumes_bit_exactly(tmp_path, capsy
     expected = reference.model.state_dict()
     for key, value in resumed.model.state_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+def test_a_shard_cut_short_or_not_a_tar_is_reported_with_what_it_lacks(tmp_path):
+    pack_split(NumberedImages(25), tmp_path, 'val', shard_size=10)
+    cut = tmp_path / 'val-000001.tar'
+    cut.write_bytes(cut.read_bytes()[:cut.stat().st_size * 2 // 5])
+    (tmp_path / 'val-000002.tar').write_bytes(b'no tar file at all' * 100)
+    batches = list(ShardStream(shard_set(tmp_path, 'val'), _to_tensor, batch_size=10, training=False))
+    seen = [i for b in batches if len(b.targets) for i in _indices(b)]
+    assert seen[:10] == list(range(10)) and 0 < len(seen) - 10 < 10 and set(seen[10:]) < set(range(10, 20))
+    reports = [name for b in batches for name in b.unreadable]
+    assert reports == [f'{cut}:{10 - (len(seen) - 10)} of 10 samples missing (cut short?)',
+                       f"{tmp_path / 'val-000002.tar'}:5 of 5 samples missing (ReadError: invalid header)"]

@@ -22,6 +22,7 @@ import itertools
 import json
 import math
 import os
+import tarfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -112,6 +113,20 @@ def decode_record(record: dict) -> tuple[Image.Image, int]:
         return img.convert('RGB'), label
 
 
+def shard_records(url: str, expected: int) -> Iterator[dict]:
+    """The records of one shard; when it holds fewer than info.json says (a file cut short), a last record
+    without an image that names the shortfall, so that it is reported as unreadable rather than unnoticed."""
+    import webdataset as wds
+    count, reason = 0, 'cut short?'
+    try:
+        for count, record in enumerate(wds.tarfile_to_samples()([{'url': url}]), start=1):
+            yield record
+    except (tarfile.TarError, OSError) as e:  # not a tar, or damaged past this record
+        reason = f'{type(e).__name__}: {e.args[0] if e.args else e}'
+    if count < expected:
+        yield {'__url__': url, '__key__': f'{expected - count} of {expected} samples missing ({reason})'}
+
+
 class ShardStream(IterableDataset):
     """Batches (`datasets.Batch`) of one rank's share of a shard set; see the module's docstring.
 
@@ -128,6 +143,9 @@ class ShardStream(IterableDataset):
         if training and len(shards.urls) < world_size:
             raise ConfigError(f'{len(shards.urls)} training shards for {world_size} processes: every process '
                               f'needs one at least; pack with a smaller --shard-size')
+        empty = [url for url, length in zip(shards.urls, shards.lengths) if not length]
+        if training and empty:  # a process dealt only empty shards would wait for samples forever
+            raise ConfigError(f'{empty[0]}: an empty training shard (info.json says 0 samples)')
         self.batches = len(shards) // (batch_size * world_size) if training else None
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -149,11 +167,8 @@ class ShardStream(IterableDataset):
         if not urls:
             return
         lengths = dict(zip(self.shards.urls, self.shards.lengths))
-        if self.training and not sum(lengths[url] for url in urls):
-            raise ConfigError(f'the shards of process {self.rank} hold no samples: {", ".join(urls)}')
-
         for repeat in itertools.count():  # a share too short for the epoch is read again, reshuffled
-            stream = wds.tarfile_to_samples()({'url': url} for url in urls)
+            stream = itertools.chain.from_iterable(shard_records(url, lengths[url]) for url in urls)
             if self.training and self.shuffle_buffer > 0:
                 stream = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
                                      seed=sample_seed(self.seed, self.epoch, self.rank, repeat))(stream)
