@@ -270,3 +270,26 @@ def test_a_shard_cut_short_or_not_a_tar_is_reported_with_what_it_lacks(tmp_path)
     reports = [name for b in batches for name in b.unreadable]
     assert reports == [f'{cut}:{10 - (len(seen) - 10)} of 10 samples missing (cut short?)',
                        f"{tmp_path / 'val-000002.tar'}:5 of 5 samples missing (ReadError: invalid header)"]
+
+
+def test_shards_of_other_tools_with_json_labels_and_webp_images(tmp_path):
+    """timm's and webdataset's other conventions: a `json` label entry, WebP and JPEG images, any key."""
+    import io
+    import webdataset as wds
+
+    def encoded(value, kind):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((4, 4, 3), value, dtype=np.uint8)).save(buffer, format=kind)
+        return buffer.getvalue()
+    with wds.TarWriter(str(tmp_path / 'part-a.tar')) as tar:
+        tar.write({'__key__': 'img_one', 'webp': encoded(40, 'WEBP'), 'json': b'{"label": 2, "caption": "x"}'})
+        tar.write({'__key__': 'img_two', 'jpeg': encoded(200, 'JPEG'), 'json': b'{"cls": 1}'})
+        tar.write({'__key__': 'img_three', 'png': encoded(7, 'PNG')})  # no label: unreadable
+    (tmp_path / 'info.json').write_text(json.dumps({
+        'classes': ['a', 'b', 'c'], 'splits': {'all': {'filenames': ['part-a.tar'], 'shard_lengths': [3]}}}))
+    shards = shard_set(tmp_path, 'part-{a..a}.tar')
+    assert shards.classes == ['a', 'b', 'c'] and len(shards) == 3
+    (batch,) = ShardStream(shards, _to_tensor, batch_size=4, training=False)
+    assert batch.targets.tolist() == [2, 1]
+    assert [round(v) for v in (batch.images[:, 0, 0, 0] * 255).tolist()] == pytest.approx([40, 200], abs=3)
+    assert batch.unreadable == [f"{tmp_path / 'part-a.tar'}:img_three"]
