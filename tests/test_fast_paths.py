@@ -470,6 +470,24 @@ def test_stem_folds_batchnorm_only_in_inference_on_its_fast_path():
         assert (stem(x)[0] - modules).abs().max() < 1e-5
 
 
+def test_under_autocast_the_stem_copies_the_image_once_in_the_lower_precision():
+    """The channels-last copy of the image is made in autocast's dtype, not as a float32 copy then cast: the
+    image is the largest input of the step, and a float32 copy of it raised the peak (matches the modules)."""
+    torch.manual_seed(0)
+    stem = set_fast_path(perturb_(xcit.create_model('xcit_nano_12_p16_224')).eval(), 'fast').patch_embed
+    x = torch.randn(2, 3, 64, 64)
+    image_bytes = x.numel() * x.element_size()
+    with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            fast, _ = stem(x)
+        set_fast_path(stem, 'reference')
+        reference, _ = stem(x)
+    allocations = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
+    assert image_bytes // 2 in allocations  # the one bfloat16 copy
+    assert image_bytes not in allocations  # no float32 copy
+    assert fast.dtype == torch.bfloat16 and (fast.float() - reference.float()).norm() / reference.float().norm() < 1e-2
+
+
 def test_timing_a_new_shape_between_a_forward_and_its_backward_leaves_that_backward_intact():
     """DINO's multi-crop: a second crop size goes forward (and its paths are timed, BatchNorm statistics put back)
     before the first size's backward."""

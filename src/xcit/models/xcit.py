@@ -120,7 +120,12 @@ class ConvPatchEmbed(FastPathModule, nn.Module):
 
     def _fast(self, x: torch.Tensor) -> torch.Tensor:
         """`self.proj(x)` in channels-last; in inference with BatchNorm folded into each conv and GELU in place."""
-        x = x.contiguous(memory_format=torch.channels_last)
+        if autocast_active(x) and x.dtype == torch.float32:
+            # the first conv would cast the image anyway: cast and reorder in one copy of half the bytes,
+            # rather than a float32 reordered copy and then a cast of it
+            x = x.to(torch.get_autocast_dtype(x.device.type), memory_format=torch.channels_last)
+        else:
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.training or autograd_records(x, *self.parameters()):
             return self.proj(x)
         for layer in self.proj:
