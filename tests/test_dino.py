@@ -44,6 +44,20 @@ def test_the_loss_is_the_mean_cross_entropy_over_cross_view_pairs_and_the_centre
     assert torch.allclose(loss.center, 0.9 * center + 0.1 * teacher.mean(0, keepdim=True), atol=1e-6)
 
 
+def test_the_loss_records_the_entropy_of_its_targets_which_reads_ln_k_once_the_teacher_is_uniform():
+    crops, B, K = 3, 4, 32
+    loss = DINOLoss(K, crops)
+    student = torch.randn(crops * B, K)
+    loss.center.fill_(0.5)
+    loss(student, torch.full((2 * B, K), 0.5), teacher_temp=0.04)  # every output at the centre: uniform targets
+    assert loss.teacher_entropy.item() == pytest.approx(math.log(K), rel=1e-6)
+    peaked = torch.zeros(2 * B, K)
+    peaked[:, 0] = 1.0
+    loss.center.zero_()
+    loss(student, peaked, teacher_temp=0.04)  # one class 25 temperatures above the rest: next to one-hot
+    assert loss.teacher_entropy.item() < 0.01
+
+
 def test_schedules_follow_dino():
     assert cosine_ramp(0.996, 1.0, 0, 100) == 0.996 and cosine_ramp(0.996, 1.0, 100, 100) == 1.0
     assert cosine_ramp(0.996, 1.0, 50, 100) == pytest.approx(0.998)
@@ -118,6 +132,7 @@ def test_a_tiny_pretraining_trains_the_student_moves_the_teacher_and_checkpoints
                  'local_crops_size': 16, 'blur_radius': [0.1, 0.5]}})
     result = run(load_config(config))
     assert set(result.metrics) >= {'knn_top1', 'init_knn_top1', 'pixels_knn_top1'} and result.metrics['count'] == 359
+    assert 0 < result.metrics['teacher_entropy'] <= math.log(64) + 1e-4  # the epoch's mean, at most ln(out_dim)
     assert result.summary.startswith('k-NN top-1: pretrained ') and 'random init' in result.summary
     state = torch.load(result.run_dir / 'last.pth', weights_only=True)
     student = {k[len('student.'):]: v for k, v in state['model'].items() if k.startswith('student.')}

@@ -102,7 +102,9 @@ class DINOModel(nn.Module):
 class DINOLoss(nn.Module):
     """Cross-entropy between the teacher's centred, sharpened softmax of each global crop and the student's softmax
     of every other crop, averaged over the pairs; then the centre moves towards the batch mean of the teacher's
-    raw outputs (all ranks together), so the next step's targets do not collapse onto one dimension."""
+    raw outputs (all ranks together), so the next step's targets do not collapse onto one dimension.
+    `teacher_entropy` keeps the last batch's mean entropy of the targets, which reads ln(out_dim) once the
+    teacher has collapsed to uniform."""
 
     def __init__(self, out_dim: int, crops: int, global_crops: int = 2, student_temp: float = 0.1,
                  center_momentum: float = 0.9):
@@ -110,10 +112,13 @@ class DINOLoss(nn.Module):
         self.crops, self.global_crops = crops, global_crops
         self.student_temp, self.center_momentum = student_temp, center_momentum
         self.register_buffer('center', torch.zeros(1, out_dim))
+        self.teacher_entropy = torch.zeros(())
 
     def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
         student = F.log_softmax(student_out.float() / self.student_temp, dim=-1).chunk(self.crops)  # crops x (B, K)
         teacher = F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1).detach()
+        # ln K when the targets are uniform: the collapse that centring without enough sharpening leads to
+        self.teacher_entropy = -(teacher * teacher.clamp_min(1e-12).log()).sum(dim=-1).mean()
         teacher = teacher.chunk(self.global_crops)  # global x (B, K)
         total, pairs = 0.0, 0
         for t, q in enumerate(teacher):

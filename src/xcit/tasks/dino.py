@@ -16,7 +16,7 @@ import torch.nn as nn
 from ..config import Config
 from ..data import build_data, build_eval_loader, build_source, input_spec
 from ..data.multicrop import MultiCropTransform
-from ..engine.distributed import DistEnv, all_gather_cat
+from ..engine.distributed import DistEnv, all_gather_cat, all_reduce_sum
 from ..engine.task import Task
 from ..factory import create_model
 from ..ssl import DINOHead, DINOLoss, DINOModel, MultiCrop, cosine_ramp, teacher_temperature
@@ -42,6 +42,7 @@ class DinoTask(Task):
         d = config.dino
         self.crops = 2 + d.local_crops_number
         self.step, self.baselines = 0, {}
+        self.entropy_sum, self.entropy_steps = 0.0, 0  # the teacher's target entropy since the last evaluation
 
     def _backbone(self, drop_path_rate: float | None = None, weights: str | None = None, pretrained: bool = False
                   ) -> nn.Module:
@@ -94,7 +95,9 @@ class DinoTask(Task):
         student_out, teacher_out = model(crops)  # (crops x B, K), (2 x B, K)
         temp = teacher_temperature(self.step // self.steps_per_epoch, d.warmup_teacher_temp, d.teacher_temp,
                                    d.warmup_teacher_temp_epochs)
-        return self.loss(student_out, teacher_out, temp)
+        loss = self.loss(student_out, teacher_out, temp)
+        self.entropy_sum, self.entropy_steps = self.entropy_sum + self.loss.teacher_entropy, self.entropy_steps + 1
+        return loss
 
     def adjust_gradients(self, step: int) -> None:
         if step // self.steps_per_epoch < self.config.dino.freeze_last_layer:
@@ -122,6 +125,12 @@ class DinoTask(Task):
 
     def evaluate(self, model: nn.Module, batches) -> dict[str, float]:
         scores = self._scores(model.teacher.backbone, batches)
+        if self.entropy_steps:  # collapse shows as ln(out_dim) here, before the k-NN falls
+            mean = torch.stack([torch.as_tensor(self.entropy_sum, dtype=torch.float32).cpu(),
+                                torch.tensor(float(self.entropy_steps))])
+            total, steps = all_reduce_sum(mean, self.env).tolist()
+            scores['teacher_entropy'] = total / steps
+            self.entropy_sum, self.entropy_steps = 0.0, 0
         for name, baseline in self.baselines.items():
             for key in ('knn_top1', 'probe_top1'):
                 if key in baseline:
