@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import xcit
-from conftest import assert_same_weights, cli, perturb_, run_cli
+from conftest import assert_same_weights, cli, perturb_, run_cli, tiny_run_config
 from xcit.checkpoints import CheckpointError, PretrainedUnavailableError
 from xcit.registry import get_model_entry
 
@@ -196,6 +196,22 @@ def test_export_hub_dir_writes_the_three_files(tmp_path, capsys, images):
     assert metadata['format'] == 'pt'
     loaded = xcit.create_model(f'local-dir:{folder}', pretrained=True)
     torch.testing.assert_close(logits(loaded, images), logits(trained, images), atol=0, rtol=0)
+
+
+def test_a_trained_demo_model_exported_for_the_hub_gives_timm_our_logits(tmp_path, capsys):
+    """The user's path: train on the built-in digits, `xcit export --hub-dir`, then timm's local-dir loader."""
+    import timm
+    config = tiny_run_config(tmp_path, **{'schedule.epochs': 1})
+    assert cli(capsys, 'train', '-c', config)[0] == 0
+    run = tmp_path / 'runs' / 'tiny'
+    code, out, err = cli(capsys, 'export', '--model', 'xcit_nano_12_p8_224', '--checkpoint', run / 'last.pth',
+                         '--hub-dir', tmp_path / 'hub')
+    assert code == 0 and err == [], (out, err)
+    ours = xcit.create_model('xcit_nano_12_p8_224', depth=2, num_classes=10, checkpoint_path=run / 'last.pth').eval()
+    theirs = timm.create_model(f'local-dir:{tmp_path / "hub"}', pretrained=True).eval()
+    digits = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(digits), ours(digits), atol=1e-5, rtol=1e-5)
 
 
 def test_a_family_timm_lacks_keeps_our_layout(tmp_path, images):

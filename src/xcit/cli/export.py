@@ -73,12 +73,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def export_hub_dir(model, raw, folder: Path, checkpoint: str | None) -> None:
-    """The Hub folder, with what a training checkpoint knows of its run: class names, config, best metric."""
+    """The Hub folder, with what a training checkpoint knows of its run: class names, config, best metric, and
+    the model arguments (a reduced depth, say) without which timm would build another network for the weights."""
     from ..checkpoints.hf_hub import save_pretrained
     from ._weights import class_names, run_config
 
     best = raw.get('best') if isinstance(raw, dict) else None
     metrics = ({best['metric']: best['value']} if isinstance(best, dict) and isinstance(best.get('metric'), str)
                and isinstance(best.get('value'), (int, float)) else None)
-    save_pretrained(model, folder, label_names=class_names(raw), config=run_config(raw, checkpoint), metrics=metrics)
+    config = run_config(raw, checkpoint)
+    model_args = dict(config.model.kwargs) if config is not None and config.model.kwargs else None
+    save_pretrained(model, folder, label_names=class_names(raw), config=config, metrics=metrics,
+                    model_args=model_args)
     print(f'wrote {folder} (config.json, model.safetensors, README.md)')
