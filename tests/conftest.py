@@ -1,6 +1,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -80,6 +81,13 @@ def cli(capsys, *argv) -> tuple[int, list[str], list[str]]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return code, out.strip().splitlines(), err.strip().splitlines()
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on now: a rendezvous for the 2-process tests."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
 
 
 def tiny_run_config(tmp_path: Path, **overrides) -> Path:

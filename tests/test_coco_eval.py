@@ -2,12 +2,12 @@
 at AP50 and a miss at AP75, and two gloo ranks score what one process does."""
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from xcit.data.scenes import CLASSES, DigitScenes
 from xcit.metrics import CocoEvaluator, coco_ground_truth
 
@@ -50,11 +50,6 @@ def test_nothing_detected_scores_zero():
     assert CocoEvaluator(coco_ground_truth(samples, CATEGORIES)).compute()['segm']['AP'] == 0.0
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
 
 def _predictions(samples):
     g = torch.Generator().manual_seed(0)
@@ -80,7 +75,7 @@ def _rank(rank, port, samples, out):
 
 def test_two_gloo_ranks_score_what_one_process_does(tmp_path):
     samples = _scenes()
-    mp.spawn(_rank, args=(_free_port(), samples, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank, args=(free_port(), samples, str(tmp_path)), nprocs=2, join=True)
     single = CocoEvaluator(coco_ground_truth(samples, CATEGORIES))
     for image_id, prediction in _predictions(samples).items():
         single.update(image_id, prediction)

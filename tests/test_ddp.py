@@ -1,6 +1,5 @@
 """Two gloo processes on the CPU: the same model on every rank, and the same model as one process."""
 import os
-import socket
 import subprocess
 import sys
 
@@ -8,7 +7,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import tiny_run_config
+from conftest import free_port, tiny_run_config
 from xcit.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -16,11 +15,6 @@ pytestmark = pytest.mark.slow
 # BatchNorm keeps its running statistics (eval mode): per-rank batch statistics would legitimately differ
 _EXACT = ['train.freeze_bn=True', 'augment.smoothing=0.0', 'schedule.epochs=1', 'optim.eps=1e-6']
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def _train_rank(rank, world_size, port, config_path, overrides, out_dir):
@@ -35,7 +29,7 @@ def _train_rank(rank, world_size, port, config_path, overrides, out_dir):
 
 def test_two_ranks_match_each_other_and_one_process(tmp_path):
     config = tiny_run_config(tmp_path)
-    mp.spawn(_train_rank, args=(2, _free_port(), str(config), _EXACT + ['data.batch_size=16'], str(tmp_path)),
+    mp.spawn(_train_rank, args=(2, free_port(), str(config), _EXACT + ['data.batch_size=16'], str(tmp_path)),
              nprocs=2, join=True)
     rank0, rank1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2))
     for key in rank0:

@@ -2,12 +2,12 @@
 gloo ranks giving the scores of one process."""
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from xcit.metrics import ConfusionMatrix
 
 
@@ -46,11 +46,6 @@ def test_ignored_pixels_and_absent_classes_do_not_count():
         cm.update(torch.zeros(1, 2, dtype=torch.long), torch.tensor([[0, 7]]))
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
 
 def _rank(rank, port, prediction, target, out):
     import torch.distributed as dist
@@ -67,7 +62,7 @@ def test_two_gloo_ranks_give_the_scores_of_one_process(tmp_path):
     target = torch.randint(0, 5, (6, 16, 16), generator=g)
     prediction = torch.where(torch.rand(6, 16, 16, generator=g) < 0.7, target, torch.randint(0, 5, (6, 16, 16),
                                                                                              generator=g))
-    mp.spawn(_rank, args=(_free_port(), prediction, target, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank, args=(free_port(), prediction, target, str(tmp_path)), nprocs=2, join=True)
     single = ConfusionMatrix(5)
     single.update(prediction, target)
     expected = single.compute()

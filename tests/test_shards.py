@@ -2,7 +2,6 @@
 from shards, on one process, on two ranks and on two torchrun nodes."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import cli, tiny_run_config
+from conftest import cli, free_port, tiny_run_config
 from xcit.config import load_config
 from xcit.data.datasets import SampleSource
 from xcit.data.shards import ShardStream, pack_split, shard_set
@@ -157,11 +156,6 @@ def test_the_digits_demo_trains_from_packed_shards_as_from_the_built_in_set(tmp_
     assert abs(packed.metrics['top1'] - built_in.metrics['top1']) <= 1.0, (packed.metrics, built_in.metrics)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
 
 NODE_SCRIPT = '''
 import os, sys
@@ -183,7 +177,7 @@ def test_two_torchrun_nodes_train_alike_from_shards(tmp_path, capsys):
     script = tmp_path / 'node.py'
     script.write_text(NODE_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join([SRC, os.environ.get('PYTHONPATH', '')]))
-    endpoint = f'127.0.0.1:{_free_port()}'
+    endpoint = f'127.0.0.1:{free_port()}'
     agents = [subprocess.Popen(
         [sys.executable, '-m', 'torch.distributed.run', '--nnodes', '2', '--nproc-per-node', '1',
          '--rdzv-backend', 'c10d', '--rdzv-endpoint', endpoint, '--rdzv-id', 'two-nodes', str(script), str(config),
