@@ -584,6 +584,7 @@ def test_checkpoint_for_another_model_is_one_line_naming_both(tmp_path, capsys):
     (['export', '--model', NAME, '--onnx', '{tmp}/m', '--torchscript', '{tmp}/m'], 'overwrite'),
     (['export', '--model', NAME, '--torchscript', '{tmp}/m.pt', '--image-size', '100000'], 'between 32 and 4096'),
     (['export', '--model', NAME], 'nothing to write'),
+    (['export', '--model', NAME, '--hub-dir', '{img}'], 'is a file; give the folder to write'),
     (['models', 'nothing_like_this*'], 'no model matches'),
     (['eval', '-c', DIGITS, '--load', '{w}', '--image-sizes', '32,x'], "--image-sizes: 'x' is not an integer"),
     (['eval', '-c', DIGITS, '--load', '{w}', '--image-sizes', '32,8'], '--image-sizes: 8 is outside 16 to 4096'),
