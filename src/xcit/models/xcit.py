@@ -159,14 +159,28 @@ def _head_columns(t: torch.Tensor, num_heads: int) -> list[torch.Tensor]:
     return [t[..., j * d:(j + 1) * d] for j in range(num_heads)]
 
 
+def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> None:
+    """`out = a @ b` for a strided `out` (a head's columns), through one batched GEMM.
+
+    CPU bmm runs as one batched GEMM only into a contiguous result; into a strided one
+    it falls back to a GEMM call per batch item, whose overhead is most of the cost at
+    XCA's small (N x d) shapes. So with more than one item the product goes to a
+    contiguous scratch and is copied into place (half the time at nano's shapes).
+    """
+    if out.shape[0] == 1 or out.device.type != 'cpu':
+        torch.bmm(a, b, out=out)
+    else:
+        out.copy_(torch.bmm(a, b, out=scratch))
+
+
 class TokenMajorXCA(torch.autograd.Function):
     """XCA's core, from the fused qkv (B, N, 3C) to the mixed values (B, N, C), with its backward written out.
 
     Every matmul reads its head's columns of qkv in place (a (N x d) block with rows 3C
-    apart is a valid BLAS operand) and writes its head's columns of the result, so no
-    layout change is ever copied, and the backward pass stores only qkv and the small
-    (B, h, d, d) maps. The logits are the raw q^T k divided by the token-axis norms of q
-    and k (F.normalize's value without writing normalised copies):
+    apart is a valid BLAS operand), so no layout change of q, k or v is ever copied, and
+    the backward pass stores only qkv and the small maps, kept head-major (h, B, d, d) so
+    that each head's products are contiguous. The logits are the raw q^T k divided by
+    the token-axis norms of q and k (F.normalize's value without writing normalised copies):
 
         attn = softmax(t * (q^T k) / (|q| |k|^T)),  out_h = v_h @ attn_h^T
 
@@ -179,16 +193,17 @@ class TokenMajorXCA(torch.autograd.Function):
         C, h = C3 // 3, num_heads
         d = C // h
         q, k, v = qkv.split(C, dim=-1)  # each (B, N, C), rows 3C apart
-        norm_q = q.square().sum(dim=1).sqrt()  # (B, C): each channel's norm over the tokens
-        norm_k = k.square().sum(dim=1).sqrt()
-        gram = qkv.new_empty(B, h, d, d)
+        norm_q = q.square().sum(dim=1).sqrt().clamp_min(1e-12).view(B, h, d).transpose(0, 1)  # (h, B, d)
+        norm_k = k.square().sum(dim=1).sqrt().clamp_min(1e-12).view(B, h, d).transpose(0, 1)
+        gram = qkv.new_empty(h, B, d, d)
         for j, (q_j, k_j) in enumerate(zip(_head_columns(q, h), _head_columns(k, h))):
-            torch.bmm(q_j.transpose(1, 2), k_j, out=gram[:, j])  # (B, d, d)
-        cosine = gram / (norm_q.clamp_min(1e-12).view(B, h, d, 1) * norm_k.clamp_min(1e-12).view(B, h, 1, d))
-        attn = (cosine * temperature).softmax(dim=-1)  # (B, h, d, d)
+            torch.bmm(q_j.transpose(1, 2), k_j, out=gram[j])  # (B, d, d)
+        cosine = gram / (norm_q.unsqueeze(-1) * norm_k.unsqueeze(-2))
+        attn = (cosine * temperature.view(h, 1, 1, 1)).softmax(dim=-1)  # (h, B, d, d)
         out = qkv.new_empty(B, N, C)
+        scratch = qkv.new_empty(B, N, d)
         for j, (v_j, out_j) in enumerate(zip(_head_columns(v, h), _head_columns(out, h))):
-            torch.bmm(v_j, attn[:, j].transpose(1, 2), out=out_j)  # (B, N, d)
+            _bmm_into(out_j, v_j, attn[j].transpose(1, 2), scratch)  # (B, N, d)
         ctx.save_for_backward(qkv, temperature, norm_q, norm_k, cosine, attn)
         ctx.num_heads = h
         return out
@@ -206,26 +221,25 @@ class TokenMajorXCA(torch.autograd.Function):
         q, k, v = qkv.split(C, dim=-1)
         d_qkv = qkv.new_empty(B, N, C3)
         d_q, d_k, d_v = d_qkv.split(C, dim=-1)  # written in place, head by head
-        d_attn = qkv.new_empty(B, h, d, d)
+        d_attn = qkv.new_empty(h, B, d, d)
+        scratch = qkv.new_empty(B, N, d)
         for j, (d_out_j, v_j, d_v_j) in enumerate(zip(_head_columns(d_out, h), _head_columns(v, h), _head_columns(d_v, h))):
-            torch.bmm(d_out_j.transpose(1, 2), v_j, out=d_attn[:, j])  # (B, d, d)
-            torch.bmm(d_out_j, attn[:, j], out=d_v_j)  # (B, N, d)
+            torch.bmm(d_out_j.transpose(1, 2), v_j, out=d_attn[j])  # (B, d, d)
+            _bmm_into(d_v_j, d_out_j, attn[j], scratch)  # (B, N, d)
         d_logits = attn * (d_attn - (d_attn * attn).sum(dim=-1, keepdim=True))  # through the softmax
-        d_temperature = (d_logits * cosine).sum(dim=(0, 2, 3)).view_as(temperature)
-        d_cosine = d_logits * temperature
-        nq = norm_q.clamp_min(1e-12).view(B, h, d, 1)
-        nk = norm_k.clamp_min(1e-12).view(B, h, 1, d)
-        d_gram = d_cosine / (nq * nk)
+        d_temperature = (d_logits * cosine).sum(dim=(1, 2, 3)).view_as(temperature)
+        d_cosine = d_logits * temperature.view(h, 1, 1, 1)
+        d_gram = d_cosine / (norm_q.unsqueeze(-1) * norm_k.unsqueeze(-2))
         # cosine = gram / (|q| |k|): d/d|q_i| = -cosine_i. / |q_i|, and d|q_i| / dq_i = q_i / |q_i| (0 where clamped)
         pull = d_cosine * cosine
-        coef_q = torch.where(norm_q > 1e-12, -pull.sum(dim=-1).view(B, C) / nq.view(B, C).square(), 0.0)
-        coef_k = torch.where(norm_k > 1e-12, -pull.sum(dim=-2).view(B, C) / nk.view(B, C).square(), 0.0)
+        coef_q = torch.where(norm_q > 1e-12, -pull.sum(dim=-1) / norm_q.square(), 0.0)  # (h, B, d)
+        coef_k = torch.where(norm_k > 1e-12, -pull.sum(dim=-2) / norm_k.square(), 0.0)
         for j, (q_j, k_j, d_q_j, d_k_j) in enumerate(zip(_head_columns(q, h), _head_columns(k, h), _head_columns(d_q, h),
                                                           _head_columns(d_k, h))):
-            torch.bmm(k_j, d_gram[:, j].transpose(1, 2), out=d_q_j)  # (B, N, d)
-            torch.bmm(q_j, d_gram[:, j], out=d_k_j)
-        d_q.addcmul_(q, coef_q.unsqueeze(1))
-        d_k.addcmul_(k, coef_k.unsqueeze(1))
+            _bmm_into(d_q_j, k_j, d_gram[j].transpose(1, 2), scratch)  # (B, N, d)
+            _bmm_into(d_k_j, q_j, d_gram[j], scratch)
+        d_q.addcmul_(q, coef_q.transpose(0, 1).reshape(B, 1, C))
+        d_k.addcmul_(k, coef_k.transpose(0, 1).reshape(B, 1, C))
         return d_qkv, d_temperature, None
 
 
