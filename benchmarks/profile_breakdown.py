@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import xcit
 from xcit import bench
+from xcit.allocator import keep_freed_memory
 from xcit.models.fastpath import cpu_name
 
 CATEGORIES = {
@@ -105,6 +106,7 @@ def main() -> None:
                         help='the GEMM rate to measure the floor by (default: measured now); pass one value to '
                              'every run that is to be compared, as the measured rate drifts with the machine')
     args = parser.parse_args()
+    keep_freed_memory()  # as `xcit bench` times its steps
     peak = args.peak_gflops or gemm_peak_gflops()
     cases = [(case.split(':')[0], int(case.split(':')[1])) for case in args.cases.split(',')]
     rows = [profile(name, args.impl, batch, args.img_size, mode, peak)

@@ -8,7 +8,7 @@ SRC = Path(__file__).resolve().parents[1] / 'src'
 
 # lowest first; a package may import from lower layers only (and from itself)
 LAYERS = [
-    {'registry', 'config', 'seeding'},
+    {'registry', 'config', 'seeding', 'allocator'},
     {'models', 'data', 'metrics', 'ssl'},
     {'checkpoints'},
     {'factory', 'viz', 'export', 'passl_config'},

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .allocator import keep_freed_memory
 from .models import compile_static
 
 MAC_COUNTER = 'torch.utils.flop_counter (matmul + conv MACs)'
@@ -269,7 +270,9 @@ def peak_memory_mb(name: str, impl: str, mode: str, batch_size: int, img_size: i
 def compare(name: str, impls: Sequence[str] = ('xcit', 'timm'), modes: Sequence[str] = ('infer', 'train'),
             batch_size: int = 32, img_size: int = 224, rounds: int = 5, iters: int = 3, warmup: int = 2,
             device: str = 'cpu', memory: bool = True) -> list[Result]:
-    """Time every implementation in alternating rounds in this process; measure memory in fresh ones."""
+    """Time every implementation in alternating rounds in this process (whose freed memory is kept, as a
+    training run's is: see `xcit.allocator`); measure memory in fresh ones."""
+    keep_freed_memory()
     gmacs, params = count_macs(name, img_size)
     results = []
     for mode in modes:
@@ -421,7 +424,7 @@ def environment() -> dict:
     info = dict(xcit=ours, torch=torch.__version__, python=platform.python_version(),
                 machine=platform.machine(), processor=cpu_name(), cpu_count=os.cpu_count(),
                 torch_threads=torch.get_num_threads(), fast_path=default_fast_path(),
-                onednn_linear=onednn_linear_works(),
+                onednn_linear=onednn_linear_works(), freed_memory_kept=keep_freed_memory(),
                 mac_counter=MAC_COUNTER, date=time.strftime('%Y-%m-%d'))
     try:
         import timm

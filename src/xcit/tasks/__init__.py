@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from ..allocator import keep_freed_memory
 from ..config import Config, ConfigError
 from ..engine import FitResult, Task, distributed_session, evaluate_task, fit, free_run_dir
 from .classification import ClassificationTask
@@ -39,7 +40,9 @@ def build_task(config: Config, load: str | Path | None = None, evaluate_only: bo
 
 def run(config: Config, resume: str | Path | None = None, load: str | Path | None = None,
         evaluate_only: bool = False) -> FitResult:
-    """Train (or only evaluate) as `config` says; `torchrun` processes share the work."""
+    """Train (or only evaluate) as `config` says; `torchrun` processes share the work. The process keeps
+    the memory its steps free (`xcit.allocator`), so that steps after the first do not page-fault."""
+    keep_freed_memory()
     task = build_task(config, load, evaluate_only)  # bad data paths fail here, before any process group
     with distributed_session(config.train.device) as env:
         if evaluate_only:
