@@ -66,9 +66,10 @@ def _onednn_setup_context(ctx, inputs, output):
 
 def _onednn_backward(ctx, grad):
     x, weight = ctx.saved_tensors
-    # strided operands (grad^T, x^T) go to oneDNN as they are
     grad_x = _onednn(grad, weight.t().contiguous(), None, False) if ctx.needs_input_grad[0] else None
-    grad_w = _onednn(grad.t(), x.t(), None, False) if ctx.needs_input_grad[1] else None
+    # the weight gradient through BLAS, which takes the transposed (M x N)^T operand as it is: oneDNN would
+    # copy it (as large as the activations) to a contiguous layout first
+    grad_w = torch.mm(grad.t(), x) if ctx.needs_input_grad[1] else None
     grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
     return grad_x, grad_w, grad_b, None
 
@@ -97,10 +98,10 @@ def _onednn_mlp_setup_context(ctx, inputs, output):
 
 def _onednn_mlp_backward(ctx, grad, _grad_hidden):
     x, w1, w2, hidden = ctx.saved_tensors
-    grad_w2 = _onednn(grad.t(), F.gelu(hidden).t(), None, False)
+    grad_w2 = torch.mm(grad.t(), F.gelu(hidden))  # weight gradients through BLAS, as in _onednn_backward
     grad_hidden = torch.ops.aten.gelu_backward(_onednn(grad, w2.t().contiguous(), None, False), hidden)
     grad_x = _onednn(grad_hidden, w1.t().contiguous(), None, False)
-    grad_w1 = _onednn(grad_hidden.t(), x.t(), None, False)
+    grad_w1 = torch.mm(grad_hidden.t(), x)
     return grad_x, grad_w1, grad_hidden.sum(0), grad_w2, grad.sum(0)
 
 
