@@ -36,3 +36,8 @@ def keep_freed_memory() -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
     except (OSError, AttributeError):
         return False
+
+
+def freed_memory_kept() -> bool:
+    """Whether `keep_freed_memory()` has run in this process and took effect (asks, changes nothing)."""
+    return keep_freed_memory.cache_info().currsize > 0 and keep_freed_memory()

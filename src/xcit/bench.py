@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .allocator import keep_freed_memory
+from .allocator import freed_memory_kept, keep_freed_memory
 from .models import compile_static
 
 MAC_COUNTER = 'torch.utils.flop_counter (matmul + conv MACs)'
@@ -424,7 +424,7 @@ def environment() -> dict:
     info = dict(xcit=ours, torch=torch.__version__, python=platform.python_version(),
                 machine=platform.machine(), processor=cpu_name(), cpu_count=os.cpu_count(),
                 torch_threads=torch.get_num_threads(), fast_path=default_fast_path(),
-                onednn_linear=onednn_linear_works(), freed_memory_kept=keep_freed_memory(),
+                onednn_linear=onednn_linear_works(), freed_memory_kept=freed_memory_kept(),
                 mac_counter=MAC_COUNTER, date=time.strftime('%Y-%m-%d'))
     try:
         import timm
