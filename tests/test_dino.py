@@ -321,3 +321,20 @@ def test_a_dino_run_killed_mid_epoch_resumes_bit_exactly(tmp_path, monkeypatch):
     expected, actual = sigkill_then_resume(tmp_path, config)
     assert torch.equal(expected['task']['center'], actual['task']['center'])
     assert expected['task']['step'] == actual['task']['step'] == expected['step']
+
+
+def test_the_random_init_baseline_reads_out_a_copy_with_batchnorm_statistics_of_the_train_images():
+    from xcit.ssl.knn import with_data_statistics
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten())
+    images = [torch.randn(5, 3, 6, 6) * 2 + 1 for _ in range(3)]
+    batches = [(x, torch.zeros(len(x), dtype=torch.long)) for x in images] + [(torch.zeros(0, 3, 6, 6), torch.zeros(0))]
+    calibrated = with_data_statistics(backbone, batches)
+    with torch.no_grad():
+        conv = torch.cat([backbone[0](x) for x in images])  # (15, 4, 4, 4): what the BatchNorm sees
+    # equal batches: the average of the batch means is the mean over every pixel of every image
+    torch.testing.assert_close(calibrated[1].running_mean, conv.mean((0, 2, 3)))
+    assert not calibrated.training
+    assert torch.equal(backbone[1].running_mean, torch.zeros(4)) and backbone[1].momentum == 0.1  # untouched
+    assert calibrated[1].momentum == 0.1
+    assert torch.equal(calibrated[0].weight, backbone[0].weight)

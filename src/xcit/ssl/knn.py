@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import copy
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.swa_utils import update_bn
 
 
 @torch.no_grad()
@@ -27,6 +30,17 @@ def extract_features(backbone: nn.Module, batches: Iterable, device: torch.devic
     if not features:
         return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
     return torch.cat(features), torch.cat(labels)
+
+
+def with_data_statistics(backbone: nn.Module, batches: Iterable, device: torch.device | str = 'cpu') -> nn.Module:
+    """A copy of `backbone` whose BatchNorm running statistics are the average over `batches` of (images, targets).
+
+    A new network's statistics (mean 0, variance 1) describe no data, and the first steps of any training,
+    even at a learning rate of 0, replace them: a random-init baseline read out without this credits
+    pretraining with that calibration alone (k-NN 86 -> 92 % on the plain digits)."""
+    calibrated = copy.deepcopy(backbone)
+    update_bn((batch[0] for batch in batches if len(batch[1])), calibrated, device)
+    return calibrated.eval()
 
 
 @torch.no_grad()

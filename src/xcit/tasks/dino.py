@@ -16,11 +16,11 @@ import torch.nn as nn
 from ..config import Config
 from ..data import build_data, build_eval_loader, build_source, input_spec
 from ..data.multicrop import MultiCropTransform
-from ..engine.distributed import DistEnv, all_gather_cat, all_reduce_sum
+from ..engine.distributed import DistEnv, all_gather_cat, all_reduce_sum, average_batchnorm_buffers
 from ..engine.task import Task
 from ..factory import create_model
 from ..ssl import DINOHead, DINOLoss, DINOModel, MultiCrop, cosine_ramp, teacher_temperature
-from ..ssl.knn import extract_features, knn_accuracy, linear_probe_accuracy
+from ..ssl.knn import extract_features, knn_accuracy, linear_probe_accuracy, with_data_statistics
 
 
 class _Flatten(nn.Module):
@@ -76,8 +76,10 @@ class DinoTask(Task):
                                                        env.world_size, pin)
         if fresh:  # what pretraining must beat: where it starts from, and the pixels themselves
             self.baselines = dict(pixels=self._scores(_Flatten(), probe=False))
-            if not self.evaluate_only:
-                self.baselines['init'] = self._scores(self.model.teacher.backbone)
+            if not self.evaluate_only:  # its BatchNorm statistics measured on the train images, as training would
+                init = with_data_statistics(self.model.teacher.backbone, self.train_features_loader, env.device)
+                average_batchnorm_buffers(init, env)
+                self.baselines['init'] = self._scores(init)
 
     def _transform(self, model_cfg: dict) -> MultiCropTransform:
         d, spec = self.config.dino, input_spec(self.config, model_cfg)
