@@ -5,9 +5,8 @@ backbone over the labelled train and val splits serves every k, temperature and 
 """
 from __future__ import annotations
 
-from typing import Iterable
-
 import copy
+from typing import Iterable
 
 import torch
 import torch.nn as nn
