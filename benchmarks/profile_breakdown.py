@@ -36,7 +36,6 @@ CATEGORIES = {
 }
 OTHER = 'elementwise + norms'
 CASES = 'xcit_nano_12_p16_224:32,xcit_tiny_12_p8_224:8,xcit_small_12_p16_224:8'
-IMPL_CHOICES = ('xcit', 'timm', 'xcit-compiled', 'timm-compiled')
 
 
 def gemm_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
@@ -59,7 +58,7 @@ def gemm_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
 
 
 def make_step(name: str, impl: str, batch: int, img_size: int, mode: str, device: str = 'cpu'):
-    """`xcit bench`'s step: its model for `impl` (one of IMPL_CHOICES) and its inference or training step."""
+    """`xcit bench`'s step: its model for `impl` (any of `xcit bench`'s, bench.IMPLS) and its inference or training step."""
     torch.manual_seed(0)
     return bench.make_step(bench.build_model(name, impl, img_size, device), mode, batch, img_size, device)
 
@@ -103,7 +102,7 @@ def main() -> None:
     parser.add_argument('--modes', default='infer,train')
     parser.add_argument('--cases', default=CASES, help=f'MODEL:BATCH,... (default {CASES})')
     parser.add_argument('--img-size', type=int, default=224)
-    parser.add_argument('--impl', choices=IMPL_CHOICES, default='xcit')
+    parser.add_argument('--impl', choices=bench.IMPLS, default='xcit')
     parser.add_argument('--peak-gflops', type=float,
                         help='the GEMM rate to measure the floor by (default: measured now); pass one value to '
                              'every run that is to be compared, as the measured rate drifts with the machine')
