@@ -83,6 +83,9 @@ def test_overrides_are_literals_never_code(tmp_path):
     assert isinstance(value, str) and not marker.exists()
     assert parse_override('a.b=[1, 2]') == (['a', 'b'], [1, 2])
     assert parse_override('a=null') == (['a'], None)
+    assert parse_override('model.kwargs.use_pos_embed=false') == (['model', 'kwargs', 'use_pos_embed'], False)
+    assert parse_override('a=true') == (['a'], True) and parse_override('a=False') == (['a'], False)
+    assert parse_override("a='false'") == (['a'], 'false')  # quoted: the string stays a string
     with pytest.raises(ConfigError, match='key.path=value'):
         parse_override('no_equals_sign')
 

@@ -485,7 +485,9 @@ def load_yaml_tree(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dic
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """'a.b.c=value' -> (['a', 'b', 'c'], value); values are Python literals, anything else a string."""
+    """'a.b.c=value' -> (['a', 'b', 'c'], value); values are Python literals or YAML's null/true/false, anything
+    else a string. YAML's spellings matter where no schema coerces the value (`model.kwargs`): there the string
+    'false' would be truthy."""
     key, sep, raw = text.partition('=')
     if not sep or not key.strip():
         raise ConfigError(f'override {quote(text)} is not of the form key.path=value')
@@ -495,9 +497,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = ast.literal_eval(raw.strip())
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        value = raw.strip()
-    if value == 'null':
-        value = None
+        value = {'null': None, 'true': True, 'false': False}.get(raw.strip(), raw.strip())
     check_size(value, f'override {quote(key.strip())}')
     return key.strip().split('.'), value
 
