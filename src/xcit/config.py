@@ -494,10 +494,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if len(raw) > MAX_CONFIG_BYTES:
         raise ConfigError(f'override {quote(key.strip())}: a value of {len(raw):,} characters; '
                           'no config value is that long')
+    raw = raw.strip()
     try:
-        value = ast.literal_eval(raw.strip())
+        value = ast.literal_eval(raw)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-        value = {'null': None, 'true': True, 'false': False}.get(raw.strip(), raw.strip())
+        value = {'null': None, 'true': True, 'false': False}.get(raw, raw)
     check_size(value, f'override {quote(key.strip())}')
     return key.strip().split('.'), value
 
