@@ -87,3 +87,19 @@ def test_digits_hide_little_of_each_other():
                 worst = max(worst, _box_overlap(boxes[j], boxes[k]) / smaller)
     assert count > 80  # crowded scenes, yet each digit stays mostly in view
     assert worst <= 0.6
+
+
+def test_digit_views_are_drawn_once_and_kept_unchanged(monkeypatch):
+    import numpy as np
+
+    from xcit.data import views
+    kept = views.DigitViews('val', size=24, seed=5)
+    first = np.asarray(kept.load(11))
+    written = kept.load(11)
+    written.paste((255, 0, 0), (0, 0, 24, 24))  # a transform that draws into its input changes nothing kept
+    monkeypatch.setattr(views, 'CACHE_BYTES', 0)
+    fresh = views.DigitViews('val', size=24, seed=5)  # keeps nothing: every load renders anew
+    assert np.array_equal(np.asarray(kept.load(11)), first)
+    assert np.array_equal(np.asarray(fresh.load(11)), first) and not fresh._rendered
+    assert not np.array_equal(np.asarray(fresh.load(12)), first)
+    assert not np.array_equal(np.asarray(views.DigitViews('val', size=24, seed=6).load(11)), first)

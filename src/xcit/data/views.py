@@ -8,6 +8,10 @@ fits. A view is a pure function of (seed, split, index); index i shows digit i m
 views draw from the disjoint digits of `digits_split`. Unlike the plain digits, where a
 k-NN on raw pixels is right 98 % of the time, pixels say little here: colour, place and
 background vary more than the class does, and features have to see past them.
+
+Rendering costs more than a small model's step on a CPU, and every epoch and every
+k-NN evaluation asks for the same views again, so each view is drawn once and kept
+(up to `CACHE_BYTES` of pixels per process).
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from PIL import Image
 from .datasets import SampleSource, digits_split
 from .scenes import contrasting_colour, item_generator, textured_background
 
+CACHE_BYTES = 256 << 20
+
 
 class DigitViews(SampleSource):
     def __init__(self, split: str, size: int = 32, views: int = 1, seed: int = 0):
@@ -33,6 +39,8 @@ class DigitViews(SampleSource):
         self.targets = np.tile(targets, views).tolist()
         self.classes = [str(i) for i in range(10)]
         self.split, self.size, self.views, self.seed = split, size, views, seed
+        self._rendered: dict[int, np.ndarray] = {}  # index -> (size, size, 3) uint8
+        self._cache_limit = CACHE_BYTES // (3 * size * size)
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -41,6 +49,14 @@ class DigitViews(SampleSource):
         return f'digit_views[{self.split}][{index}]'
 
     def load(self, index: int) -> Image.Image:
+        pixels = self._rendered.get(index)
+        if pixels is None:
+            pixels = self._render(index)
+            if len(self._rendered) < self._cache_limit:
+                self._rendered[index] = pixels
+        return Image.fromarray(pixels)  # PIL copies: a transform that draws into it leaves the kept view as it was
+
+    def _render(self, index: int) -> np.ndarray:
         g = item_generator(self.seed, self.split, index)
         uniform = lambda low, high: low + (high - low) * float(torch.rand(1, generator=g))  # noqa: E731
         S = self.size
@@ -60,8 +76,7 @@ class DigitViews(SampleSource):
         patch = canvas[:, top:top + ih, left:left + iw]
         colour = contrasting_colour(patch, g)
         canvas[:, top:top + ih, left:left + iw] = patch * (1 - ink) + colour[:, None, None] * ink
-        pixels = (canvas.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        return Image.fromarray(pixels)
+        return (canvas.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
 
 def _rotate(ink: torch.Tensor, angle: float) -> torch.Tensor:
