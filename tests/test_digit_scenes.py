@@ -1,8 +1,9 @@
 """The built-in digit_scenes dataset: deterministic scenes whose boxes, instance masks and semantic map agree,
-drawn for train and val from disjoint digits."""
+drawn for train and val from disjoint digits; and digit_views, kept once drawn."""
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -89,9 +90,7 @@ def test_digits_hide_little_of_each_other():
     assert worst <= 0.6
 
 
-def test_digit_views_are_drawn_once_and_kept_unchanged(monkeypatch):
-    import numpy as np
-
+def test_kept_digit_views_equal_fresh_renders_and_stay_unchanged(monkeypatch):
     from xcit.data import views
     kept = views.DigitViews('val', size=24, seed=5)
     first = np.asarray(kept.load(11))
