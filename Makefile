@@ -34,7 +34,7 @@ demo-ssl: $(STAMP)
 	set -e; out=$$($(BIN)/xcit train -c configs/demo/digits_dino.yaml | tee /dev/stderr); \
 	run=$$(printf '%s\n' "$$out" | sed -n 's/^run folder: //p' | tail -n 1); \
 	test -n "$$run" || { echo 'demo-ssl: the pretraining did not finish' >&2; exit 1; }; \
-	$(BIN)/python -c "import sys; from xcit.data.views import DigitViews; v = DigitViews('val', 64); \
+	$(BIN)/python -c "import sys; from xcit.data.views import DigitPlaces; v = DigitPlaces('val', 64); \
 		[v.load(i).save(f'{sys.argv[1]}/view_{i}.png') for i in range(4)]" "$$run"; \
 	$(BIN)/xcit attention "$$run"/view_*.png --model xcit_nano_12_p8_224 --checkpoint "$$run/last.pth" \
 		--image-size 64 --out "$$run/attention"

@@ -102,3 +102,59 @@ def test_kept_digit_views_equal_fresh_renders_and_stay_unchanged(monkeypatch):
     assert np.array_equal(np.asarray(fresh.load(11)), first) and not fresh._rendered
     assert not np.array_equal(np.asarray(fresh.load(12)), first)
     assert not np.array_equal(np.asarray(views.DigitViews('val', size=24, seed=6).load(11)), first)
+
+
+def _digit_at(view: np.ndarray, size: int) -> tuple[tuple[int, int], np.ndarray]:
+    """The grid place of a digit_places view's ink, and the (size/2)^2 block there; asserts nothing lies outside."""
+    step, side = size // 8, size // 2
+    rows, cols = np.nonzero(view[..., 0])
+    top, left = rows.min() // step * step, cols.min() // step * step
+    assert rows.max() < top + side and cols.max() < left + side  # all the ink inside one block
+    assert (view[..., 0] == view[..., 1]).all() and (view[..., 0] == view[..., 2]).all()  # white on black
+    return (top // step, left // step), view[top:top + side, left:left + side, 0]
+
+
+def test_digit_places_show_the_digits_drawing_at_a_grid_place_chosen_by_seed_split_and_index():
+    from xcit.data.datasets import DigitsSource
+    from xcit.data.views import DigitPlaces
+    size = 32
+    source, drawn = DigitPlaces('val', size=size, seed=3), DigitsSource('val', size=size // 2)
+    places = set()
+    for i in range(40):
+        view = np.asarray(source.load(i))
+        assert view.shape == (size, size, 3)
+        assert np.array_equal(view, np.asarray(DigitPlaces('val', size=size, seed=3).load(i)))
+        place, block = _digit_at(view, size)
+        assert max(place) < 5
+        assert np.array_equal(block, np.asarray(drawn.load(i))[..., 0])
+        places.add(place)
+    assert len(places) > 10  # 25 places: 40 draws land on many of them
+    other = DigitPlaces('val', size=size, seed=4)
+    assert any(_digit_at(np.asarray(other.load(i)), size)[0] != _digit_at(np.asarray(source.load(i)), size)[0]
+               for i in range(5))
+    assert len(DigitPlaces('train', size=size, views=3)) == 3 * len(DigitPlaces('train', size=size))
+
+
+def test_digit_places_draws_of_one_sample_show_its_digit_at_places_drawn_in_the_callers_scope():
+    from xcit.data.views import DigitPlaces
+    from xcit.seeding import rng_scope
+    size = 32
+    source = DigitPlaces('train', size=size, renders=2)
+    moved = 0
+    for i in range(30):
+        with rng_scope(100 + i):
+            draws = [np.asarray(d) for d in source.load(i)]
+        with rng_scope(100 + i):
+            again = [np.asarray(d) for d in source.load(i)]
+        assert len(draws) == 2 and all(np.array_equal(a, b) for a, b in zip(draws, again))
+        (place_1, block_1), (place_2, block_2) = (_digit_at(d, size) for d in draws)
+        assert np.array_equal(block_1, block_2)  # one digit, drawn twice
+        moved += place_1 != place_2
+    assert moved >= 20  # independent places: the same one 1 time in 25
+
+
+@pytest.mark.parametrize('size', [8, 20, 2048])
+def test_digit_places_refuse_a_canvas_off_the_grid(size):
+    from xcit.data.views import DigitPlaces
+    with pytest.raises(ValueError, match=f'size must be a multiple of 8 from 16 to 1024 pixels, not {size}'):
+        DigitPlaces('val', size=size)

@@ -106,6 +106,21 @@ def test_crops_of_two_sizes_run_through_one_backbone_without_interpolation(monke
     assert backbone_inputs == [(6, 3, 48, 48), (12, 3, 24, 24)]  # one pass per resolution
 
 
+def test_multicrop_of_several_draws_takes_crop_k_from_draw_k_mod_n():
+    from PIL import Image
+    from xcit.data.multicrop import MultiCropTransform
+    transform = MultiCropTransform(16, 8, local_crops=3, mean=(0, 0, 0), std=(1, 1, 1))
+    black, grey = Image.new('RGB', (32, 32)), Image.new('RGB', (32, 32), (100, 100, 100))
+    for seed in range(5):  # jitter, solarisation and blur keep black black and grey above it
+        torch.manual_seed(seed)
+        crops = transform([black, grey])
+        assert [tuple(c.shape) for c in crops] == [(3, 16, 16)] * 2 + [(3, 8, 8)] * 3
+        assert [bool((c > 0).all()) for c in crops] == [False, True, False, True, False]
+        assert [bool((c == 0).all()) for c in crops] == [True, False, True, False, True]
+        torch.manual_seed(seed)
+        assert all(bool((c > 0).all()) for c in transform(grey))  # one image: every crop from it
+
+
 def test_weighted_knn_matches_a_brute_force_vote():
     g = torch.Generator().manual_seed(0)
     train, labels = torch.randn(40, 8, generator=g), torch.randint(0, 4, (40,), generator=g)
@@ -213,7 +228,9 @@ def test_bad_dino_settings_are_one_line_and_exit_2(tmp_path, capsys):
     config = tiny_run_config(tmp_path, task='dino', **{'data.dataset': 'digit_views'})
     for override, needle in (('data.digits_size=8', 'digit_views: size must be 16 to 1024 pixels, not 8'),
                              ('dino.local_crops_scale=[0.5, 0.1]', 'local_crops_scale must be (min, max)'),
-                             ('dino.blur_radius=[2, 1]', 'blur_radius must be (min, max)')):
+                             ('dino.blur_radius=[2, 1]', 'blur_radius must be (min, max)'),
+                             ('dino.renders_per_sample=2', 'renders_per_sample above 1 needs task dino on the '
+                              'digit_places dataset')):
         code, _, err = cli(capsys, 'train', '-c', config, '-o', override)
         assert code == 2 and len(err) == 1 and needle in err[0] and 'Traceback' not in err[0], err
     code, _, err = cli(capsys, 'eval', '-c', config, '--load', tmp_path / 'absent.pth', '--mode', 'probe',
@@ -309,14 +326,15 @@ def test_two_gloo_ranks_give_the_loss_and_centre_of_one_process_on_the_same_glob
 @pytest.mark.slow
 def test_a_dino_run_killed_mid_epoch_resumes_bit_exactly(tmp_path, monkeypatch):
     """Student, teacher, the loss centre and the step survive SIGKILL: the resumed run ends where an
-    uninterrupted one does, bit for bit."""
+    uninterrupted one does, bit for bit (with the places of digit_places' draws drawn again alike)."""
     from conftest import sigkill_then_resume, tiny_run_config
     monkeypatch.setenv('XCIT_FAST_PATH_CACHE', str(tmp_path / 'fast_paths.json'))
     config = tiny_run_config(tmp_path, **{
-        'task': 'dino', 'model.kwargs': {'depth': 1}, 'data.dataset': 'digit_views', 'data.digits_size': 16,
+        'task': 'dino', 'model.kwargs': {'depth': 1}, 'data.dataset': 'digit_places', 'data.digits_size': 16,
         'data.image_size': 16, 'schedule.epochs': 2, 'train.checkpoint_interval': 5,
         'optim.weight_decay_end': 0.4, 'optim.clip_grad': 3.0, 'optim.clip_mode': 'per_parameter',
         'dino': {'out_dim': 32, 'hidden_dim': 32, 'bottleneck_dim': 16, 'local_crops_number': 1,
+                 'renders_per_sample': 2, 'use_bn_in_head': True,
                  'local_crops_size': 8, 'blur_radius': [0.1, 0.5], 'knn_k': 5}})
     expected, actual = sigkill_then_resume(tmp_path, config)
     assert torch.equal(expected['task']['center'], actual['task']['center'])

@@ -87,8 +87,8 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal['imagefolder', 'labellist', 'webdataset', 'digits', 'digit_views', 'digit_scenes', 'coco',
-                     'semantic_folder'] = 'digits'
+    dataset: Literal['imagefolder', 'labellist', 'webdataset', 'digits', 'digit_views', 'digit_places',
+                     'digit_scenes', 'coco', 'semantic_folder'] = 'digits'
     root: str | None = Field(None, description=(
         'imagefolder: folder with the split folders; labellist: image root; webdataset: folder with the .tar '
         'shards and their info.json; coco: folder with the split image folders and '
@@ -115,9 +115,9 @@ class DataConfig(_Section):
     std: tuple[float, float, float] | None = Field(None, description='each above 0')
     digits_size: int = Field(32, ge=8, le=512, description=(
         'digits: side the 8x8 images are upsampled to; all 1,797 are kept in memory, 1.4 GB at 512; '
-        'digit_views: side of the canvas'))
+        'digit_views, digit_places: side of the canvas'))
     views_per_digit: int = Field(1, ge=1, le=1000, description=(
-        'digit_views: how many different views of each training digit an epoch holds (val: one each)'))
+        'digit_views, digit_places: how many different views of each training digit an epoch holds (val: one each)'))
     semantic_layout: Literal['ade20k', 'voc'] = Field('ade20k', description=(
         'semantic_folder: ade20k: <root>/images/<split> with <root>/annotations/<split>; voc: <root>/JPEGImages '
         'with <root>/SegmentationClass, the stems in <root>/ImageSets/Segmentation/<split>.txt; label maps are '
@@ -335,6 +335,9 @@ class DinoConfig(_Section):
     center_momentum: float = Field(0.9, ge=0, lt=1)
     freeze_last_layer: int = Field(1, ge=0, description='epochs during which the last layer gets no update')
     global_crops_scale: tuple[float, float] = (0.4, 1.0)
+    renders_per_sample: int = Field(1, ge=1, le=64, description=(
+        'pretraining crops come from this many independent draws of each sample (crop k from draw k mod n; '
+        'digit_places only): 2 gives the two global crops the digit at two places, like two photos of one object'))
     local_crops_number: int = Field(8, ge=0, le=64)
     local_crops_scale: tuple[float, float] = (0.05, 0.4)
     local_crops_size: int = Field(96, ge=8, le=4096, description='global crops are data.image_size')
@@ -382,9 +385,12 @@ class Config(_Section):
     @model_validator(mode='after')
     def _consistent(self):
         mixing = self.augment.mixup > 0 or self.augment.cutmix > 0
+        if self.dino.renders_per_sample > 1 and (self.task, self.data.dataset) != ('dino', 'digit_places'):
+            raise ValueError('dino.renders_per_sample above 1 needs task dino on the digit_places dataset, the one '
+                             'source that can draw a sample again')
         if mixing and self.augment.mixup_mode == 'batch' and self.data.batch_size % 2:
             raise ValueError(f'data.batch_size must be even with mixup/cutmix in batch mode (got {self.data.batch_size})')
-        if self.data.dataset not in ('digits', 'digit_views', 'digit_scenes') and not self.data.root:
+        if self.data.dataset not in ('digits', 'digit_views', 'digit_places', 'digit_scenes') and not self.data.root:
             raise ValueError(f'data.root is required for the {self.data.dataset} dataset')
         return self
 

@@ -3,7 +3,7 @@
 SRC is an image folder of one split (`<class>/<image>`; the split is named after
 the folder, e.g. imagenet/train -> train), a PaddleClas/PASSL label list
 (train_list.txt -> train; images under --image-root, default the list's folder),
-or `digits` / `digit_views` (both splits). DST receives `<split>-000000.tar`, ...
+or `digits` / `digit_views` / `digit_places` (both splits). DST receives `<split>-000000.tar`, ...
 and info.json with the shard names, their sample counts and the class names.
 JPEG, PNG and WebP files are copied as they are; other images are written as PNG.
 """
@@ -12,20 +12,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-BUILT_IN = ('digits', 'digit_views')
+BUILT_IN = ('digits', 'digit_views', 'digit_places')
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser('data', help='prepare datasets (pack WebDataset shards)', description=__doc__)
     commands = p.add_subparsers(dest='data_command', required=True, metavar='ACTION')
     pack = commands.add_parser('pack', help='write a dataset as .tar shards', description=__doc__)
-    pack.add_argument('src', help='image folder of one split, label list file, digits or digit_views')
+    pack.add_argument('src', help='image folder of one split, label list file, digits, digit_views or digit_places')
     pack.add_argument('dst', help='folder to write the shards and info.json into')
     pack.add_argument('--shard-size', type=int, default=10_000, metavar='N', help='samples per shard (default 10000)')
     pack.add_argument('--split', help='split name (default: from SRC; digits: train and val)')
     pack.add_argument('--image-root', help="label list: folder its paths are relative to (default: the list's)")
     pack.add_argument('--digits-size', type=int, default=32, metavar='PX',
-                      help='digits, digit_views: image side (default 32, as data.digits_size)')
+                      help='digits, digit_views, digit_places: image side (default 32, as data.digits_size)')
     pack.set_defaults(run=run_pack)
 
 
@@ -39,8 +39,9 @@ def _sources(args: argparse.Namespace) -> list[tuple[str, object]]:
         if args.src == 'digits':
             build = lambda split: DigitsSource(split, size=args.digits_size)  # noqa: E731
         else:
-            from ..data.views import DigitViews
-            build = lambda split: DigitViews(split, size=args.digits_size)  # noqa: E731
+            from ..data import views
+            view = views.DigitViews if args.src == 'digit_views' else views.DigitPlaces
+            build = lambda split: view(split, size=args.digits_size)  # noqa: E731
         return [(split, build(split)) for split in ([args.split] if args.split else ['train', 'val'])]
     src = Path(args.src)
     if src.is_dir():

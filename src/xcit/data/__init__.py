@@ -16,7 +16,8 @@ __all__ = ['DataBundle', 'EpochLoader', 'build_data', 'build_eval_loader', 'buil
            'input_spec']
 
 
-def build_source(config: Config, split: str) -> SampleSource | ShardSet:
+def build_source(config: Config, split: str, renders: int = 1) -> SampleSource | ShardSet:
+    """A split's samples; `renders` > 1 (digit_places' train split) draws each sample that many times anew."""
     data = config.data
     name = data.train_split if split == 'train' else data.val_split
     if data.dataset == 'webdataset':
@@ -27,6 +28,10 @@ def build_source(config: Config, split: str) -> SampleSource | ShardSet:
         from .views import DigitViews
         return DigitViews(split, size=data.digits_size, views=data.views_per_digit if split == 'train' else 1,
                           seed=config.seed)
+    if data.dataset == 'digit_places':
+        from .views import DigitPlaces
+        return DigitPlaces(split, size=data.digits_size, views=data.views_per_digit if split == 'train' else 1,
+                           seed=config.seed, renders=renders)
     if data.dataset == 'imagefolder':
         from pathlib import Path
         return image_folder(Path(data.root) / name)

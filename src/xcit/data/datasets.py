@@ -32,6 +32,8 @@ class SampleSource:
         return len(self.targets)
 
     def load(self, index: int) -> Image.Image:
+        """The image at `index` (a source that draws a sample anew each time, like `digit_places` with
+        `renders` > 1, returns a list of images of it: the multi-crop transform takes crop k from image k mod n)."""
         raise NotImplementedError
 
     def describe(self, index: int) -> str:
@@ -162,6 +164,12 @@ def digits_split(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return digits.images[keep], digits.target[keep], np.flatnonzero(keep)
 
 
+def digit_images(images: np.ndarray, size: int) -> np.ndarray:
+    """(n, 8, 8) digits valued 0..16 -> (n, size, size) uint8, upsampled bicubically as `digits` shows them."""
+    pixels = (images * (255 / 16)).round().astype(np.uint8)  # values 0..16 -> 0..255
+    return np.stack([np.asarray(Image.fromarray(p).resize((size, size), Image.BICUBIC)) for p in pixels])
+
+
 class DigitsSource(SampleSource):
     """scikit-learn's bundled 8x8 handwritten digits, upsampled to RGB images (nothing is downloaded).
 
@@ -171,8 +179,7 @@ class DigitsSource(SampleSource):
 
     def __init__(self, split: str, size: int = 32):
         images, targets, _ = digits_split(split)
-        pixels = (images * (255 / 16)).round().astype(np.uint8)  # values 0..16 -> 0..255
-        self.images = [Image.fromarray(p).resize((size, size), Image.BICUBIC).convert('RGB') for p in pixels]
+        self.images = [Image.fromarray(p).convert('RGB') for p in digit_images(images, size)]
         self.targets = targets.tolist()
         self.classes = [str(i) for i in range(10)]
 
@@ -213,16 +220,16 @@ class TransformedDataset(torch.utils.data.Dataset):
         skipped = []
         for attempt in range(len(self.source)):
             i = (index + attempt) % len(self.source)
-            try:
-                image = self.source.load(i)
-            except IMAGE_ERRORS as e:
-                if self.on_corrupt == 'error':
-                    raise UnreadableImageError(f'unreadable image {self.source.describe(i)}: {e}') from None
-                skipped.append(self.source.describe(i))
-                if not self.training:
-                    return None, self.source.targets[i], skipped
-                continue
-            with rng_scope(sample_seed(self.seed, self.epoch, index)):
+            with rng_scope(sample_seed(self.seed, self.epoch, index)):  # a source may draw too (digit_places)
+                try:
+                    image = self.source.load(i)
+                except IMAGE_ERRORS as e:
+                    if self.on_corrupt == 'error':
+                        raise UnreadableImageError(f'unreadable image {self.source.describe(i)}: {e}') from None
+                    skipped.append(self.source.describe(i))
+                    if not self.training:
+                        return None, self.source.targets[i], skipped
+                    continue
                 return self.transform(image), self.source.targets[i], skipped
         raise RuntimeError('no readable image in the dataset')
 

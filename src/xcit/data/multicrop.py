@@ -1,5 +1,8 @@
 """DINO's multi-crop augmentation: two global crops and N local ones of each image (`collate` stacks them crop by crop).
 
+A source may give several draws of one sample instead of one image (`dino.renders_per_sample`):
+crop k is then taken from draw k mod n, so the two global crops see two photos of one object.
+
 The recipe of facebookresearch/dino's DataAugmentationDINO, through torchvision: random
 resized crops (global scale 0.4-1, local 0.05-0.4), flip, colour jitter (0.4, 0.4, 0.2, 0.1)
 with p 0.8, grayscale with p 0.2, Gaussian blur (p 1.0 / 0.1 / 0.5 for global 1 / global 2
@@ -44,5 +47,9 @@ class MultiCropTransform:
         self.local = T.Compose([crop(local_size, local_scale), *shared, RandomBlur(0.5, blur_radius), *to_tensor])
         self.local_crops = local_crops
 
-    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
-        return [self.global_1(image), self.global_2(image), *(self.local(image) for _ in range(self.local_crops))]
+    def __call__(self, image: Image.Image | list[Image.Image]) -> list[torch.Tensor]:
+        """One image, or several draws of one sample: crop k then comes from draw k mod n."""
+        draws = image if isinstance(image, list) else [image]
+        draw = lambda k: draws[k % len(draws)]  # noqa: E731
+        return [self.global_1(draw(0)), self.global_2(draw(1)),
+                *(self.local(draw(2 + j)) for j in range(self.local_crops))]

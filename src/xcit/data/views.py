@@ -1,4 +1,6 @@
-"""`digit_views`: scikit-learn's digits seen as a camera might see them, for classification and pretraining.
+"""Built-in views of scikit-learn's digits that raw pixels do not solve, for classification and pretraining.
+
+`digit_views`: the digits seen as a camera might see them.
 
 Each view is one digit on a `size`-pixel square canvas: the textured background of
 `digit_scenes`, the digit in a random colour that contrasts with it, scaled to 45-90 %
@@ -12,6 +14,13 @@ background vary more than the class does, and features have to see past them.
 Rendering costs more than a small model's step on a CPU, and every epoch and every
 k-NN evaluation asks for the same views again, so each view is drawn once and kept
 (up to `CACHE_BYTES` of pixels per process).
+
+`digit_places`: each digit as `digits` draws it, white on black, half the canvas wide, at
+one of 5 x 5 places one eighth of the canvas apart: a k-NN on pixels is right only when
+a neighbour of the same class stands at the same place. With `renders=2` a training
+sample is the digit drawn twice, at places drawn independently: two photos of one
+object, which self-supervision can learn from where one image cannot (two crops of one
+image share the place, and the shortcut wins).
 """
 from __future__ import annotations
 
@@ -22,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .datasets import SampleSource, digits_split
+from .datasets import SampleSource, digit_images, digits_split
 from .scenes import contrasting_colour, item_generator, textured_background
 
 CACHE_BYTES = 256 << 20
@@ -77,6 +86,41 @@ class DigitViews(SampleSource):
         colour = contrasting_colour(patch, g)
         canvas[:, top:top + ih, left:left + iw] = patch * (1 - ink) + colour[:, None, None] * ink
         return (canvas.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+class DigitPlaces(SampleSource):
+    PLACES = 5  # per axis; the digit fills half the canvas, the places are a quarter of that apart
+
+    def __init__(self, split: str, size: int = 64, views: int = 1, seed: int = 0, renders: int = 1):
+        if not 16 <= size <= 1024 or size % 8:
+            raise ValueError(f'digit_places: size must be a multiple of 8 from 16 to 1024 pixels, not {size}')
+        if not 1 <= views <= 1000:
+            raise ValueError(f'digit_places: views must be 1 to 1000, not {views}')
+        if not 1 <= renders <= 64:
+            raise ValueError(f'digit_places: renders must be 1 to 64, not {renders}')
+        images, targets, _ = digits_split(split)
+        self.digits = digit_images(images, size // 2)  # (n, size/2, size/2) uint8
+        self.targets = np.tile(targets, views).tolist()
+        self.classes = [str(i) for i in range(10)]
+        self.split, self.size, self.seed, self.renders = split, size, seed, renders
+
+    def describe(self, index: int) -> str:
+        return f'digit_places[{self.split}][{index}]'
+
+    def load(self, index: int) -> Image.Image | list[Image.Image]:
+        """One view at the place of (seed, split, index); with `renders` > 1, that many at places drawn from
+        torch's generator, which the dataset seeds per (epoch, sample)."""
+        if self.renders == 1:
+            place = torch.randint(self.PLACES, (2,), generator=item_generator(self.seed, self.split, index))
+            return self._render(index, place)
+        return [self._render(index, torch.randint(self.PLACES, (2,))) for _ in range(self.renders)]
+
+    def _render(self, index: int, place: torch.Tensor) -> Image.Image:
+        step, side = self.size // 8, self.size // 2
+        top, left = (place * step).tolist()
+        canvas = np.zeros((self.size, self.size, 3), dtype=np.uint8)
+        canvas[top:top + side, left:left + side] = self.digits[index % len(self.digits), :, :, None]
+        return Image.fromarray(canvas)
 
 
 def _rotate(ink: torch.Tensor, angle: float) -> torch.Tensor:

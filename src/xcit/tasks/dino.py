@@ -37,9 +37,11 @@ class DinoTask(Task):
     def __init__(self, config: Config, load: str | None = None, evaluate_only: bool = False):
         self.config, self.evaluate_only = config, evaluate_only
         self.weights = load or config.model.checkpoint
-        self.train_source = build_source(config, 'train')  # pretrained on without labels; labelled for the k-NN
-        self.val_source = build_source(config, 'val')
         d = config.dino
+        self.train_source = build_source(config, 'train')  # labelled for the k-NN: one view per sample
+        self.pretrain_source = (build_source(config, 'train', d.renders_per_sample) if d.renders_per_sample > 1
+                                else self.train_source)  # the same samples, without their labels
+        self.val_source = build_source(config, 'val')
         self.crops = 2 + d.local_crops_number
         self.step, self.baselines = 0, {}
         self.entropy_sum, self.entropy_steps = 0.0, 0  # the teacher's target entropy since the last evaluation
@@ -69,7 +71,7 @@ class DinoTask(Task):
         model_cfg = student.backbone.pretrained_cfg
         pin = env.device.type == 'cuda'
         transform = None if self.evaluate_only else self._transform(model_cfg)
-        data = build_data(config, model_cfg, None if self.evaluate_only else self.train_source, self.val_source,
+        data = build_data(config, model_cfg, None if self.evaluate_only else self.pretrain_source, self.val_source,
                           env.rank, env.world_size, pin_memory=pin, train_transform=transform)
         self.train_data, self.val_loader = data.train, data.val
         self.train_features_loader = build_eval_loader(config, model_cfg, self.train_source, env.rank,
@@ -154,8 +156,9 @@ class DinoTask(Task):
 
     def describe(self) -> str:
         d = self.config.dino
+        draws = f' from {d.renders_per_sample} draws of each' if d.renders_per_sample > 1 else ''
         return (f'DINO on {self.config.model.name}, {len(self.train_source)} unlabelled train / '
-                f'{len(self.val_source)} val images, 2 global + {d.local_crops_number} local crops, '
+                f'{len(self.val_source)} val images, 2 global + {d.local_crops_number} local crops{draws}, '
                 f'{d.out_dim}-d head')
 
     def state_dict(self) -> dict:
