@@ -233,6 +233,8 @@ def test_bad_dino_settings_are_one_line_and_exit_2(tmp_path, capsys):
                               'digit_places dataset')):
         code, _, err = cli(capsys, 'train', '-c', config, '-o', override)
         assert code == 2 and len(err) == 1 and needle in err[0] and 'Traceback' not in err[0], err
+    code, _, err = cli(capsys, 'train', '-c', config, '-o', 'data.dataset=digit_places', '-o', 'data.digits_size=12')
+    assert code == 2 and len(err) == 1 and 'digit_places: size must be a multiple of 8 from 16 to 1024' in err[0], err
     code, _, err = cli(capsys, 'eval', '-c', config, '--load', tmp_path / 'absent.pth', '--mode', 'probe',
                        '--probe-epochs', '0')
     assert code == 2 and len(err) == 1 and '--probe-epochs must be 1 to 10000, not 0' in err[0], err
