@@ -28,8 +28,8 @@ demo-dense: $(STAMP)
 	$(BIN)/xcit train -c configs/demo/scenes_maskrcnn.yaml
 	$(BIN)/xcit train -c configs/demo/scenes_semfpn.yaml
 
-# DINO on the built-in digit_views without their labels; ends with the k-NN line (pretrained, random init,
-# raw pixels) and draws the curve (runs/digits_dino/curves.png) and the teacher's attention on a few views.
+# DINO on the built-in digit_places without their labels; draws the curve (runs/digits_dino/curves.png) and the
+# teacher's attention on a few views, and ends with the k-NN line (pretrained, random init, raw pixels).
 demo-ssl: $(STAMP)
 	set -e; out=$$($(BIN)/xcit train -c configs/demo/digits_dino.yaml | tee /dev/stderr); \
 	run=$$(printf '%s\n' "$$out" | sed -n 's/^run folder: //p' | tail -n 1); \
@@ -37,7 +37,9 @@ demo-ssl: $(STAMP)
 	$(BIN)/python -c "import sys; from xcit.data.views import DigitPlaces; v = DigitPlaces('val', 64); \
 		[v.load(i).save(f'{sys.argv[1]}/view_{i}.png') for i in range(4)]" "$$run"; \
 	$(BIN)/xcit attention "$$run"/view_*.png --model xcit_nano_12_p8_224 --checkpoint "$$run/last.pth" \
-		--image-size 64 --out "$$run/attention"
+		--image-size 64 --out "$$run/attention" > /dev/null; \
+	echo "attention of the pretrained teacher on four val views: $$run/attention/"; \
+	printf '%s\n' "$$out" | sed -n 's/^final evaluation: //p' | tail -n 1
 
 bench: $(STAMP)
 	$(BIN)/xcit bench -m xcit_nano_12_p16_224 --resolutions 224,384,512,768,1024 \
