@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import xcit
 from conftest import perturb_, run_cli
 from xcit.models import fastpath, get_fast_path, layers, set_fast_path
-from xcit.models.xcit import XCA, ConvPatchEmbed, TokenMajorXCA, xca_reference
+from xcit.models.xcit import XCA, ConvPatchEmbed, token_major_xca, xca_reference
 
 needs_onednn = pytest.mark.skipif(not layers.onednn_linear_works(), reason='this PyTorch build has no oneDNN linear')
 
@@ -303,7 +303,7 @@ def test_token_major_backward_is_the_gradient_of_its_forward(B):
     N, C, h = 9, 12, 3
     qkv = torch.randn(B, N, 3 * C, dtype=torch.float64, requires_grad=True)
     temperature = (torch.rand(h, 1, 1, dtype=torch.float64) + 0.5).requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, t: TokenMajorXCA.apply(a, t, h), (qkv, temperature))
+    assert torch.autograd.gradcheck(lambda a, t: token_major_xca(a, t, h), (qkv, temperature))
     xca = XCA(C, num_heads=h).double()
     with torch.no_grad():
         xca.temperature.copy_(temperature)
@@ -506,3 +506,39 @@ def test_cpu_name_tells_generations_of_one_brand_apart(monkeypatch):
     zen3 = fastpath._machine()
     monkeypatch.setattr(fastpath, '_cpuinfo', lambda: {'model name': 'AMD EPYC', 'cpu family': '26', 'model': '2'})
     assert fastpath._machine() != zen3 and fastpath.cpu_name() == 'AMD EPYC (family 26, model 2)'
+
+
+def test_fast_paths_reach_compiled_graphs_as_whole_ops(monkeypatch):
+    """Under torch.compile a layer on 'fast' keeps its path as one opaque op (the oneDNN linear, the token-major
+    XCA core), with no graph break, even in a process whose first model is compiled before any eager forward
+    (so the oneDNN probe must have run at the build), and computes the reference's outputs and gradients."""
+    monkeypatch.setattr(layers, '_ONEDNN_OK', False)
+    layers.onednn_linear_works.cache_clear()
+    torch.manual_seed(0)
+    model = perturb_(xcit.create_model('xcit_nano_12_p16_224', depth=1, num_classes=5))
+    reference = copy.deepcopy(model)
+    set_fast_path(reference, 'reference')
+    set_fast_path(model, 'fast')
+    ops = set()
+
+    def record(graph_module, example_inputs):
+        ops.update(str(node.target) for node in graph_module.graph.nodes if node.op == 'call_function')
+        return graph_module.forward
+    compiled = torch.compile(model, backend=record, fullgraph=True)
+    x = torch.randn(2, 3, 48, 64)
+    out = compiled(x)
+    assert {'xcit.onednn_linear.default', 'xcit.xca_token_major.default'} <= ops, sorted(ops)
+    expected = reference(x)
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert (p.grad - q.grad).abs().max() <= 1e-5 * max(q.grad.abs().max(), 1e-3), name
+
+
+def test_the_token_major_ops_pass_torch_library_checks():
+    """Fake (meta) shapes, autograd registration and schema of the custom ops, as torch.compile relies on them."""
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 7, 3 * 8, dtype=torch.float64, requires_grad=True)
+    temperature = torch.rand(2, 1, 1, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.xcit.xca_token_major.default, (qkv, temperature, 2))

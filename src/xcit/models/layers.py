@@ -168,6 +168,7 @@ class Linear(FastPathModule, nn.Linear):
                  impl: str | None = None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_fast_path(impl)
+        onednn_linear_works()  # probed now: a graph traced later reads the answer and cannot run the probe
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, impl=self.impl)

@@ -173,74 +173,107 @@ def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch: torc
         out.copy_(torch.bmm(a, b, out=scratch))
 
 
-class TokenMajorXCA(torch.autograd.Function):
-    """XCA's core, from the fused qkv (B, N, 3C) to the mixed values (B, N, C), with its backward written out.
+# XCA's core from the fused qkv (B, N, 3C) to the mixed values (B, N, C), as a pair of custom ops with the
+# backward written out: eager runs call them as they are, and torch.compile keeps them whole (opaque ops)
+# rather than tracing the head loops into a graph it schedules worse.
+#
+# Every matmul reads its head's columns of qkv in place (a (N x d) block with rows 3C apart is a valid BLAS
+# operand), so no layout change of q, k or v is ever copied, and the backward pass stores only qkv and the
+# small maps, kept head-major (h, B, d, d) so that each head's products are contiguous. The logits are the
+# raw q^T k divided by the token-axis norms of q and k (F.normalize's value without writing normalised copies):
+#
+#     attn = softmax(t * (q^T k) / (|q| |k|^T)),  out_h = v_h @ attn_h^T
+#
+# Float32 and float64 only: raw q^T k can overflow float16, where the normalising paths run.
 
-    Every matmul reads its head's columns of qkv in place (a (N x d) block with rows 3C
-    apart is a valid BLAS operand), so no layout change of q, k or v is ever copied, and
-    the backward pass stores only qkv and the small maps, kept head-major (h, B, d, d) so
-    that each head's products are contiguous. The logits are the raw q^T k divided by
-    the token-axis norms of q and k (F.normalize's value without writing normalised copies):
+@torch.library.custom_op('xcit::xca_token_major', mutates_args=())
+def _xca_token_major(qkv: torch.Tensor, temperature: torch.Tensor, num_heads: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out (B, N, C); for the backward: norm_q, norm_k (h, B, d), cosine, attn (h, B, d, d))."""
+    B, N, C3 = qkv.shape
+    C, h = C3 // 3, num_heads
+    d = C // h
+    q, k, v = qkv.split(C, dim=-1)  # each (B, N, C), rows 3C apart
+    norm_q = q.square().sum(dim=1).sqrt().clamp_min(1e-12).view(B, h, d).transpose(0, 1)  # (h, B, d)
+    norm_k = k.square().sum(dim=1).sqrt().clamp_min(1e-12).view(B, h, d).transpose(0, 1)
+    gram = qkv.new_empty(h, B, d, d)
+    for j, (q_j, k_j) in enumerate(zip(_head_columns(q, h), _head_columns(k, h))):
+        torch.bmm(q_j.transpose(1, 2), k_j, out=gram[j])  # (B, d, d)
+    cosine = gram / (norm_q.unsqueeze(-1) * norm_k.unsqueeze(-2))
+    attn = (cosine * temperature.view(h, 1, 1, 1)).softmax(dim=-1)  # (h, B, d, d)
+    out = qkv.new_empty(B, N, C)
+    scratch = qkv.new_empty(B, N, d)
+    for j, (v_j, out_j) in enumerate(zip(_head_columns(v, h), _head_columns(out, h))):
+        _bmm_into(out_j, v_j, attn[j].transpose(1, 2), scratch)  # (B, N, d)
+    return out, norm_q.contiguous(), norm_k.contiguous(), cosine, attn
 
-        attn = softmax(t * (q^T k) / (|q| |k|^T)),  out_h = v_h @ attn_h^T
 
-    Float32 and float64 only: raw q^T k can overflow float16, where the normalising paths run.
-    """
+@_xca_token_major.register_fake
+def _(qkv, temperature, num_heads):
+    B, N, C3 = qkv.shape
+    h, d = num_heads, C3 // 3 // num_heads
+    return (qkv.new_empty(B, N, C3 // 3), qkv.new_empty(h, B, d), qkv.new_empty(h, B, d), qkv.new_empty(h, B, d, d),
+            qkv.new_empty(h, B, d, d))
 
-    @staticmethod
-    def forward(ctx, qkv: torch.Tensor, temperature: torch.Tensor, num_heads: int) -> torch.Tensor:
-        B, N, C3 = qkv.shape
-        C, h = C3 // 3, num_heads
-        d = C // h
-        q, k, v = qkv.split(C, dim=-1)  # each (B, N, C), rows 3C apart
-        norm_q = q.square().sum(dim=1).sqrt().clamp_min(1e-12).view(B, h, d).transpose(0, 1)  # (h, B, d)
-        norm_k = k.square().sum(dim=1).sqrt().clamp_min(1e-12).view(B, h, d).transpose(0, 1)
-        gram = qkv.new_empty(h, B, d, d)
-        for j, (q_j, k_j) in enumerate(zip(_head_columns(q, h), _head_columns(k, h))):
-            torch.bmm(q_j.transpose(1, 2), k_j, out=gram[j])  # (B, d, d)
-        cosine = gram / (norm_q.unsqueeze(-1) * norm_k.unsqueeze(-2))
-        attn = (cosine * temperature.view(h, 1, 1, 1)).softmax(dim=-1)  # (h, B, d, d)
-        out = qkv.new_empty(B, N, C)
-        scratch = qkv.new_empty(B, N, d)
-        for j, (v_j, out_j) in enumerate(zip(_head_columns(v, h), _head_columns(out, h))):
-            _bmm_into(out_j, v_j, attn[j].transpose(1, 2), scratch)  # (B, N, d)
-        ctx.save_for_backward(qkv, temperature, norm_q, norm_k, cosine, attn)
-        ctx.num_heads = h
-        return out
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, d_out: torch.Tensor):
-        qkv, temperature, norm_q, norm_k, cosine, attn = ctx.saved_tensors
-        h = ctx.num_heads
-        B, N, C3 = qkv.shape
-        C = C3 // 3
-        d = C // h
-        if d_out.stride(-1) != 1:
-            d_out = d_out.contiguous()
-        q, k, v = qkv.split(C, dim=-1)
-        d_qkv = qkv.new_empty(B, N, C3)
-        d_q, d_k, d_v = d_qkv.split(C, dim=-1)  # written in place, head by head
-        d_attn = qkv.new_empty(h, B, d, d)
-        scratch = qkv.new_empty(B, N, d)
-        for j, (d_out_j, v_j, d_v_j) in enumerate(zip(_head_columns(d_out, h), _head_columns(v, h), _head_columns(d_v, h))):
-            torch.bmm(d_out_j.transpose(1, 2), v_j, out=d_attn[j])  # (B, d, d)
-            _bmm_into(d_v_j, d_out_j, attn[j], scratch)  # (B, N, d)
-        d_logits = attn * (d_attn - (d_attn * attn).sum(dim=-1, keepdim=True))  # through the softmax
-        d_temperature = (d_logits * cosine).sum(dim=(1, 2, 3)).view_as(temperature)
-        d_cosine = d_logits * temperature.view(h, 1, 1, 1)
-        d_gram = d_cosine / (norm_q.unsqueeze(-1) * norm_k.unsqueeze(-2))
-        # cosine = gram / (|q| |k|): d/d|q_i| = -cosine_i. / |q_i|, and d|q_i| / dq_i = q_i / |q_i| (0 where clamped)
-        pull = d_cosine * cosine
-        coef_q = torch.where(norm_q > 1e-12, -pull.sum(dim=-1) / norm_q.square(), 0.0)  # (h, B, d)
-        coef_k = torch.where(norm_k > 1e-12, -pull.sum(dim=-2) / norm_k.square(), 0.0)
-        for j, (q_j, k_j, d_q_j, d_k_j) in enumerate(zip(_head_columns(q, h), _head_columns(k, h), _head_columns(d_q, h),
-                                                          _head_columns(d_k, h))):
-            _bmm_into(d_q_j, k_j, d_gram[j].transpose(1, 2), scratch)  # (B, N, d)
-            _bmm_into(d_k_j, q_j, d_gram[j], scratch)
-        d_q.addcmul_(q, coef_q.transpose(0, 1).reshape(B, 1, C))
-        d_k.addcmul_(k, coef_k.transpose(0, 1).reshape(B, 1, C))
-        return d_qkv, d_temperature, None
+@torch.library.custom_op('xcit::xca_token_major_backward', mutates_args=())
+def _xca_token_major_backward(d_out: torch.Tensor, qkv: torch.Tensor, temperature: torch.Tensor, norm_q: torch.Tensor,
+                              norm_k: torch.Tensor, cosine: torch.Tensor, attn: torch.Tensor, num_heads: int
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d_qkv, d_temperature) from the gradient of `_xca_token_major`'s out and what it kept."""
+    h = num_heads
+    B, N, C3 = qkv.shape
+    C = C3 // 3
+    d = C // h
+    if d_out.stride(-1) != 1:
+        d_out = d_out.contiguous()
+    q, k, v = qkv.split(C, dim=-1)
+    d_qkv = qkv.new_empty(B, N, C3)
+    d_q, d_k, d_v = d_qkv.split(C, dim=-1)  # written in place, head by head
+    d_attn = qkv.new_empty(h, B, d, d)
+    scratch = qkv.new_empty(B, N, d)
+    for j, (d_out_j, v_j, d_v_j) in enumerate(zip(_head_columns(d_out, h), _head_columns(v, h), _head_columns(d_v, h))):
+        torch.bmm(d_out_j.transpose(1, 2), v_j, out=d_attn[j])  # (B, d, d)
+        _bmm_into(d_v_j, d_out_j, attn[j], scratch)  # (B, N, d)
+    d_logits = attn * (d_attn - (d_attn * attn).sum(dim=-1, keepdim=True))  # through the softmax
+    d_temperature = (d_logits * cosine).sum(dim=(1, 2, 3)).view_as(temperature)
+    d_cosine = d_logits * temperature.view(h, 1, 1, 1)
+    d_gram = d_cosine / (norm_q.unsqueeze(-1) * norm_k.unsqueeze(-2))
+    # cosine = gram / (|q| |k|): d/d|q_i| = -cosine_i. / |q_i|, and d|q_i| / dq_i = q_i / |q_i| (0 where clamped)
+    pull = d_cosine * cosine
+    coef_q = torch.where(norm_q > 1e-12, -pull.sum(dim=-1) / norm_q.square(), 0.0)  # (h, B, d)
+    coef_k = torch.where(norm_k > 1e-12, -pull.sum(dim=-2) / norm_k.square(), 0.0)
+    for j, (q_j, k_j, d_q_j, d_k_j) in enumerate(zip(_head_columns(q, h), _head_columns(k, h), _head_columns(d_q, h),
+                                                      _head_columns(d_k, h))):
+        _bmm_into(d_q_j, k_j, d_gram[j].transpose(1, 2), scratch)  # (B, N, d)
+        _bmm_into(d_k_j, q_j, d_gram[j], scratch)
+    d_q.addcmul_(q, coef_q.transpose(0, 1).reshape(B, 1, C))
+    d_k.addcmul_(k, coef_k.transpose(0, 1).reshape(B, 1, C))
+    return d_qkv, d_temperature
+
+
+@_xca_token_major_backward.register_fake
+def _(d_out, qkv, temperature, norm_q, norm_k, cosine, attn, num_heads):
+    return qkv.new_empty(qkv.shape), temperature.new_empty(temperature.shape)
+
+
+def _xca_token_major_setup_context(ctx, inputs, output):
+    qkv, temperature, num_heads = inputs
+    ctx.save_for_backward(qkv, temperature, *output[1:])
+    ctx.num_heads = num_heads
+
+
+def _xca_token_major_grad(ctx, d_out, *_unused_grads_of_the_kept_maps):
+    d_qkv, d_temperature = _xca_token_major_backward(d_out, *ctx.saved_tensors, ctx.num_heads)
+    return d_qkv, d_temperature, None
+
+
+_xca_token_major.register_autograd(_xca_token_major_grad, setup_context=_xca_token_major_setup_context)
+
+
+def token_major_xca(qkv: torch.Tensor, temperature: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """XCA's core on the fused qkv (B, N, 3C) -> (B, N, C) (float32 or float64), through the ops above."""
+    return _xca_token_major(qkv, temperature, num_heads)[0]
 
 
 class XCA(FastPathModule, nn.Module):
@@ -250,7 +283,7 @@ class XCA(FastPathModule, nn.Module):
     and a learned per-head temperature sets the sharpness.
 
     `reference` is the official formulation, token-major. `token_major` (float32) is
-    the same maths in `TokenMajorXCA`, on strided views of the fused qkv with its
+    the same maths in `token_major_xca`, on strided views of the fused qkv with its
     backward written out. `channel_major` moves q, k and v once to (3, B, h, d, N),
     where each head's tokens are contiguous rows; in lower precision it normalises q
     and k first, in float32, so q @ k^T stays in range.
@@ -340,7 +373,7 @@ class XCA(FastPathModule, nn.Module):
         return self.proj_drop(self.proj(x))
 
     def _token_major(self, x: torch.Tensor) -> torch.Tensor:
-        x = TokenMajorXCA.apply(self.qkv(x), self.temperature, self.num_heads)  # (B, N, C)
+        x = token_major_xca(self.qkv(x), self.temperature, self.num_heads)  # (B, N, C)
         return self.proj_drop(self.proj(x))
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
