@@ -188,3 +188,19 @@ def test_the_gpu_script_measures_a_triton_xca_kernel_where_the_tree_has_one(tmp_
         assert triton == ([('core', 'infer'), ('core', 'train'), ('module', 'infer'), ('module', 'train')]
                           if measured else [])
         assert any('triton' in note for note in xca['notes']) != measured
+
+
+def test_compiled_paths_puts_only_the_named_kinds_on_the_fast_path():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('compiled_paths', REPO / 'benchmarks' / 'compiled_paths.py')
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    model = script.build('xcit_nano_12_p16_224', 'xca+mlp')._orig_mod  # compiled lazily: nothing traced yet
+    impls = {}
+    for module in model.modules():
+        if hasattr(module, 'impl'):
+            impls.setdefault(type(module).__name__, set()).add(module.impl)
+    assert impls == dict(ConvPatchEmbed={'reference'}, XCA={'fast'}, Linear={'reference'}, Mlp={'fast'})
+    proc = subprocess.run([sys.executable, REPO / 'benchmarks' / 'compiled_paths.py', '--variants', 'reference,xca+lpi'],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and 'lpi is not one of' in proc.stderr.strip().splitlines()[-1]
