@@ -3,10 +3,12 @@
     python benchmarks/compiled_paths.py -m xcit_nano_12_p16_224 -b 32 --mode infer
     python benchmarks/compiled_paths.py -m xcit_nano_12_p16_224 -b 32 --mode train --json out.json
 
-Under `auto` a compiled graph takes every module's reference maths. Each variant here compiles
-the model with the named kinds of module on `fast` (their fast path as whole ops in the graph)
-and the rest on `reference`; `eager` is the model as `xcit bench` runs it (every path timed),
-`timm-compiled` timm's model compiled. All are timed in alternating rounds in one process.
+`auto` is the model as `xcit bench` compiles it (`compile_static`: each layer's candidates timed
+compiled, each on its own, the fastest in the graph); `reference` the graph of every module's
+reference maths. Each other variant compiles the model with the named kinds of module on `fast`
+(their fast path as whole ops in the graph) and the rest on `reference`; `eager` is the model as
+`xcit bench` runs it uncompiled (every path timed), `timm-compiled` timm's model compiled. All are
+timed in alternating rounds in one process.
 """
 from __future__ import annotations
 
@@ -26,30 +28,30 @@ from xcit.models.layers import Linear, Mlp
 from xcit.models.xcit import XCA, ConvPatchEmbed
 
 KINDS = dict(xca=XCA, linear=Linear, mlp=Mlp, stem=ConvPatchEmbed)
-VARIANTS = 'reference,xca,xca+linear+mlp,eager,timm-compiled'
+VARIANTS = 'auto,reference,xca,xca+linear+mlp,eager,timm-compiled'
 
 
 def fast_kinds(variant: str) -> list[str]:
     """The module kinds a variant puts on 'fast' (ValueError naming any unknown one)."""
-    if variant in ('eager', 'timm-compiled', 'reference'):
+    if variant in ('auto', 'eager', 'timm-compiled', 'reference'):
         return []
     kinds = variant.split('+')
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
         raise ValueError(f"unknown variant {variant!r}: {', '.join(unknown)} is not one of "
-                         f"reference, eager, timm-compiled or {'+'.join(KINDS)} joined by '+'")
+                         f"auto, reference, eager, timm-compiled or {'+'.join(KINDS)} joined by '+'")
     return kinds
 
 
 def build(name: str, variant: str) -> torch.nn.Module:
-    """The model of one variant: 'eager', 'timm-compiled', or '+'-joined KINDS put on 'fast' and compiled
-    ('reference': none of them)."""
+    """The model of one variant: 'eager', 'timm-compiled', 'auto' (compiled as it is), or '+'-joined KINDS put
+    on 'fast' and compiled ('reference': none of them)."""
     if variant == 'timm-compiled':
         return build_model(name, 'timm-compiled', 224)
     kinds = fast_kinds(variant)
     model = create_model(name)
-    if variant == 'eager':
-        return model
+    if variant in ('eager', 'auto'):
+        return model if variant == 'eager' else _compile(model)
     set_fast_path(model, 'reference')
     for module in model.modules():
         if any(isinstance(module, KINDS[kind]) for kind in kinds):

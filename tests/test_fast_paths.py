@@ -19,6 +19,12 @@ from xcit.models.xcit import XCA, ConvPatchEmbed, token_major_xca, xca_reference
 needs_onednn = pytest.mark.skipif(not layers.onednn_linear_works(), reason='this PyTorch build has no oneDNN linear')
 
 
+def compile_candidate_cheaply(fn):
+    """What compile_static times candidates by, traced by dynamo without inductor's code generation: the tests
+    that are not about the timing need the decisions, not inductor's minutes of compiling every candidate."""
+    return torch.compile(fn, backend='eager', dynamic=False)
+
+
 @pytest.fixture
 def chooser(monkeypatch):
     """A fresh process-wide chooser whose 'timing' makes the candidate named by `chooser.prefer` win."""
@@ -386,7 +392,8 @@ def test_fast_paths_stay_finite_in_bf16():
 
 
 @pytest.mark.slow
-def test_optimize_for_inference_compiles_without_graph_breaks_and_matches():
+def test_optimize_for_inference_compiles_without_graph_breaks_and_matches(monkeypatch):
+    monkeypatch.setattr(fastpath, 'compile_candidate', compile_candidate_cheaply)
     torch.manual_seed(0)
     model = perturb_(xcit.create_model('xcit_nano_12_p16_224', depth=2)).eval()  # every kind of block, fewer of each
     x = torch.randn(2, 3, 96, 80)
@@ -402,8 +409,9 @@ def test_optimize_for_inference_compiles_without_graph_breaks_and_matches():
 
 
 @pytest.mark.slow
-def test_compiled_training_survives_new_shapes():
+def test_compiled_training_survives_new_shapes(monkeypatch):
     """A second resolution and batch size: where dynamic-shape inductor fails on XCiT's channels_last views."""
+    monkeypatch.setattr(fastpath, 'compile_candidate', compile_candidate_cheaply)
     torch.manual_seed(0)
     model = xcit.create_model('xcit_nano_12_p8_224', depth=1, num_classes=4)
     compiled = xcit.models.compile_static(model)
@@ -542,3 +550,54 @@ def test_the_token_major_ops_pass_torch_library_checks():
     qkv = torch.randn(2, 7, 3 * 8, dtype=torch.float64, requires_grad=True)
     temperature = torch.rand(2, 1, 1, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.xcit.xca_token_major.default, (qkv, temperature, 2))
+
+
+@pytest.mark.parametrize('graph_winner', ['fast', 'reference'])
+def test_compiled_graphs_take_the_path_that_was_fastest_compiled(graph_winner, chooser, monkeypatch):
+    """compile_static times every candidate compiled, each on its own, before its first graph for a new kind of
+    input, and the graph holds what won there, whatever won in eager; the timing pass moves no BatchNorm
+    statistics and no generator, and the graph computes the reference's outputs and gradients."""
+    eager_choose = chooser.choose
+
+    def choose(key, runs):  # in eager the reference wins, compiled the fast path or the reference
+        chooser.prefer = ('reference' if graph_winner == 'reference' else None) if key.endswith(
+            fastpath.IN_GRAPH) else 'reference'
+        return eager_choose(key, runs)
+    monkeypatch.setattr(chooser, 'choose', choose)
+    compiled_runs = []
+    monkeypatch.setattr(fastpath, 'compile_candidate', lambda fn: compiled_runs.append(fn) or compile_candidate_cheaply(fn))
+    torch.manual_seed(0)
+    model = perturb_(xcit.create_model('xcit_nano_12_p16_224', depth=1, num_classes=5))
+    reference = copy.deepcopy(model)
+    set_fast_path(reference, 'reference')
+    ops = []
+
+    def record(graph_module, example_inputs):
+        ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == 'call_function')
+        return graph_module.forward
+    compiled = xcit.models.compile_static(model, backend=record, fullgraph=True)
+    x = torch.randn(2, 3, 48, 64)
+    state = torch.get_rng_state()
+    out = compiled(x)
+    assert torch.equal(torch.get_rng_state(), state)
+    graph_keys = [key for key in chooser.timed if key.endswith(fastpath.IN_GRAPH)]
+    assert any(key.startswith('xca train') for key in graph_keys) and len(compiled_runs) >= 2 * len(graph_keys)
+    if layers.onednn_linear_works():  # a lone GEMM compiles to itself: only a linear with GELU is timed compiled
+        linear_keys = [key for key in graph_keys if key.startswith('linear train')]
+        assert linear_keys and all('+gelu' in key for key in linear_keys), graph_keys
+    assert ('xcit.xca_token_major.default' in ops) == (graph_winner == 'fast'), sorted(set(ops))
+    expected = reference(x)
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert (p.grad - q.grad).abs().max() <= 1e-5 * max(q.grad.abs().max(), 1e-3), name
+    # the compiled forward updated BatchNorm's statistics once, as the eager one did; the timing pass not at all
+    for (name, b), r in zip(model.named_buffers(), reference.buffers()):
+        assert torch.allclose(b, r, atol=1e-6), name
+    timed = len(chooser.timed)
+    compiled(x)  # the same kind of input: nothing is timed again
+    assert len(chooser.timed) == timed
+    with torch.no_grad():
+        compiled(x)  # inference is a new kind: its paths are timed compiled too
+    assert any(key.startswith('xca infer') and key.endswith(fastpath.IN_GRAPH) for key in chooser.timed)

@@ -13,6 +13,11 @@ has `impl`, shown by print(model):
 - 'fast' or 'reference': that path, always (where the fast one cannot run, as on
   another device or dtype, the reference runs).
 
+Compiled graphs take the reference maths of an 'auto' layer, unless the model was
+compiled by `compile_static`: on each new kind of input that times every candidate
+once more, each compiled on its own, and the graph takes the fastest of those
+(inductor fuses around plain ops, and a path that wins in eager may lose there).
+
 `XCIT_FAST_PATH=auto|fast|reference` sets what new models get; `set_fast_path`
 switches a built model. `fast_path_decisions()` lists what was chosen and why
 (`xcit bench` prints it), and `XCIT_FAST_PATH_CACHE=<file.json>` keeps decisions
@@ -34,6 +39,14 @@ import torch.nn as nn
 PATHS = ('auto', 'fast', 'reference')
 ENV_PATH = 'XCIT_FAST_PATH'
 ENV_CACHE = 'XCIT_FAST_PATH_CACHE'
+IN_GRAPH = ' | compiled'  # the key suffix of a decision for compiled graphs
+
+# key -> the path compiled graphs take under 'auto' (read while a graph is traced)
+_graph_paths: dict[str, str] = {}
+# set while `time_paths_for_graphs` runs: `pick` also times each candidate compiled
+_timing_for_graphs = False
+# set while the runs to time are built for a graph decision: `candidate_step` compiles what it runs
+_compile_candidates = False
 
 
 def check_path(path: str) -> str:
@@ -206,12 +219,19 @@ def fast_path_decisions() -> dict[str, dict]:
     return CHOOSER.decisions()
 
 
+def compile_candidate(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A candidate as a compiled graph runs it: one static graph of its own."""
+    return torch.compile(fn, dynamic=False)
+
+
 def candidate_step(fn: Callable[..., torch.Tensor], operands: Sequence[torch.Tensor | None], train: bool,
                    params: Sequence[torch.Tensor] = ()) -> Callable[[], object]:
     """A zero-argument run of `fn(*operands)` on detached copies of the operands: forward only, or with
     `train` forward and backward to the operands and `params` that need gradients (through
     autograd.grad, so that no .grad is touched)."""
     leaves = [None if t is None else t.detach().requires_grad_(train and t.requires_grad) for t in operands]
+    if _compile_candidates:
+        fn = compile_candidate(fn)
     if not train:
         return lambda: fn(*leaves)
     wrt = [t for t in (*leaves, *params) if t is not None and t.requires_grad]
@@ -232,20 +252,45 @@ def dtype_tag(x: torch.Tensor) -> str:
     return str(x.dtype).removeprefix('torch.')
 
 
-def pick(impl: str, key: str, candidates: Factories) -> str:
+def pick(impl: str, key: str, candidates: Factories, compiled_alike: bool = False) -> str:
     """Which candidate a layer on `impl` runs for `key`: 'reference' (always a key of `candidates`), the
     first other one for 'fast', or for 'auto' the fastest, timed the first time `key` is seen (the
-    factories build the runs to time only then). Compiled graphs take the reference under 'auto': the
-    compiler fuses the elementwise work around plain ops itself, and custom ops are opaque to it."""
+    factories build the runs to time only then). Compiled graphs take, under 'auto', the candidate that
+    was fastest compiled (`time_paths_for_graphs`), or the reference where none was timed so; exported
+    graphs the reference. `compiled_alike`: the candidates compile to the very calls they make eagerly
+    (a lone GEMM each), so the eager decision stands for graphs too and nothing is compiled to time them."""
     if impl == 'reference':
         return 'reference'
     if impl == 'fast':
         return next(name for name in candidates if name != 'reference')
+    if torch.compiler.is_exporting():
+        return 'reference'  # an exported graph must run without this package's ops
     if torch.compiler.is_compiling():
-        return 'reference'
-    if CHOOSER.known(key):
-        return CHOOSER.choose(key, {})
-    return CHOOSER.choose(key, {name: factory() for name, factory in candidates.items()})
+        return _graph_paths.get(key, 'reference')
+    path = CHOOSER.choose(key, {} if CHOOSER.known(key) else {name: factory() for name, factory in candidates.items()})
+    if _timing_for_graphs:
+        _graph_paths[key] = path if compiled_alike else _choose_compiled(key, candidates)
+    return path
+
+
+def _choose_compiled(key: str, candidates: Factories) -> str:
+    """The fastest of `candidates` with each run compiled on its own, timed the first time `key` is seen."""
+    global _compile_candidates
+    if CHOOSER.known(key + IN_GRAPH):
+        return CHOOSER.choose(key + IN_GRAPH, {})
+    _compile_candidates = True
+    try:
+        runs = {name: factory() for name, factory in candidates.items()}
+    finally:
+        _compile_candidates = False
+    # one code object (the reference linear, say) is compiled for every shape it meets: past dynamo's limit
+    # of recompilations it would silently run eagerly and be timed so
+    with torch._dynamo.config.patch(recompile_limit=1 << 16, accumulated_recompile_limit=1 << 16):
+        return CHOOSER.choose(key + IN_GRAPH, runs)
+
+
+def _timed_already(key: str) -> bool:
+    return CHOOSER.known(key) and (not _timing_for_graphs or CHOOSER.known(key + IN_GRAPH))
 
 
 class FastPathModule:
@@ -265,7 +310,7 @@ class FastPathModule:
         back. Nothing is timed on the meta device (FLOP counters run there): it takes the reference."""
         if self.impl == 'auto' and x.device.type == 'meta':
             return 'reference'
-        if self.impl != 'auto' or torch.compiler.is_compiling() or CHOOSER.known(key):
+        if self.impl != 'auto' or torch.compiler.is_compiling() or _timed_already(key):
             return pick(self.impl, key, candidates)
         saved = {name: b.clone() for name, b in self.named_buffers()}
         try:
@@ -276,6 +321,27 @@ class FastPathModule:
             # multi-crop runs a second size before the first one's backward)
             for name, b in self.named_buffers():
                 b.data.copy_(saved[name])
+
+
+def time_paths_for_graphs(model: nn.Module, *args, **kwargs) -> None:
+    """Run `model(*args, **kwargs)` once eagerly (in the caller's grad mode), with each 'auto' layer timing its
+    candidates compiled, each on its own, where it has not yet: a graph traced afterwards takes the fastest.
+    The model's buffers and the random generators are left as they were; the output is dropped."""
+    global _timing_for_graphs
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model = model.module  # a forward through DDP without its backward would upset its reducer
+    if not any(isinstance(m, FastPathModule) and m.impl == 'auto' for m in model.modules()):
+        return
+    saved = {name: b.clone() for name, b in model.named_buffers()}
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    _timing_for_graphs = True
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            model(*args, **kwargs)
+    finally:
+        _timing_for_graphs = False
+        for name, b in model.named_buffers():
+            b.data.copy_(saved[name])  # as in FastPathModule.pick
 
 
 def set_fast_path(model: nn.Module, path: str) -> nn.Module:

@@ -156,8 +156,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
           f'{" +bias" if bias is not None else ""}{" +gelu" if gelu else ""}'
     operands = (x, weight, bias)
     train = mode == 'train'
+    # without GELU both candidates are one GEMM, compiled or not; with it, a graph fuses GELU into F.linear's output
     path = pick(impl, key, dict(onednn=lambda: candidate_step(partial(_linear_onednn, gelu=gelu), operands, train),
-                                reference=lambda: candidate_step(partial(_linear_reference, gelu=gelu), operands, train)))
+                                reference=lambda: candidate_step(partial(_linear_reference, gelu=gelu), operands, train)),
+                compiled_alike=not gelu)
     return (_linear_onednn if path == 'onednn' else _linear_reference)(x, weight, bias, gelu)
 
 

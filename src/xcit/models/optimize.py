@@ -5,7 +5,9 @@ import copy
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_leaves
 
+from .fastpath import time_paths_for_graphs
 from .layers import fold_conv_bn
 
 
@@ -37,15 +39,31 @@ def fold_batchnorm(model: nn.Module) -> int:
 
 
 def compile_static(model: nn.Module, **kwargs) -> nn.Module:
-    """torch.compile with one static graph per input shape.
+    """torch.compile with one static graph per input shape, each taking the fast paths that are fastest compiled.
 
     Under dynamic shapes, inductor (torch 2.14) cannot order the strides of a
     channels_last view over symbolic sizes ("cannot determine truth value of
     Relational"); XCiT's LPI, its positional encoding and timm's XCiT all hit it
     once a second resolution or batch size makes dynamo go dynamic. A static graph
     per shape avoids it at the price of one recompilation per new shape.
+
+    Before the first call with each new kind of input (shapes, dtypes, grad mode, train or
+    eval), the model runs once eagerly while its 'auto' layers time their candidates
+    compiled (`time_paths_for_graphs`); the graph then takes the fastest of each.
     """
-    return torch.compile(model, dynamic=False, **kwargs)
+    compiled = torch.compile(model, dynamic=False, **kwargs)
+    seen = set()
+
+    def time_paths_first(module, args, kwargs):
+        signature = (model.training, torch.is_grad_enabled(), *(
+            (tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t)
+            for t in tree_leaves((args, kwargs))))
+        if signature not in seen:
+            time_paths_for_graphs(model, *args, **kwargs)
+            seen.add(signature)
+
+    compiled.register_forward_pre_hook(time_paths_first, with_kwargs=True)
+    return compiled
 
 
 def optimize_for_inference(model: nn.Module, compile: bool = True) -> nn.Module:
