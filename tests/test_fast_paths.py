@@ -32,7 +32,7 @@ def chooser(monkeypatch):
     fresh.prefer = None
     fresh.timed = []
 
-    def synthetic(self, key, runs):
+    def synthetic(self, key, runs, margin=0.0):
         if fresh.known(key):
             return fresh._decisions[key].path
         for run in runs.values():
@@ -68,6 +68,14 @@ def test_the_chooser_keeps_the_faster_candidate_by_the_costs_it_is_given():
     assert again.choose('op 2', {}) == 'reference'
     with pytest.raises(ValueError, match='not among'):
         again.load_state_dict({'op 3': {'path': 'fast_c', 'times_ms': {'reference': 1.0}}})
+
+
+def test_with_a_margin_the_reference_keeps_its_place_unless_clearly_beaten():
+    chooser = fastpath.PathChooser(timer=lambda runs: [run() for run in runs])
+    assert chooser.choose('close', {'fast': lambda: 0.97, 'reference': lambda: 1.0}, margin=0.05) == 'reference'
+    assert chooser.choose('clear', {'fast': lambda: 0.9, 'reference': lambda: 1.0}, margin=0.05) == 'fast'
+    assert chooser.choose('no margin', {'fast': lambda: 0.97, 'reference': lambda: 1.0}) == 'fast'
+    assert chooser.decisions()['close']['times_ms'] == {'fast': 0.97, 'reference': 1.0}
 
 
 def test_timing_moves_no_generator_and_the_real_timer_measures(monkeypatch):
@@ -559,7 +567,7 @@ def test_compiled_graphs_take_the_path_that_was_fastest_compiled(graph_winner, c
     statistics and no generator, and the graph computes the reference's outputs and gradients."""
     eager_choose = chooser.choose
 
-    def choose(key, runs):  # in eager the reference wins, compiled the fast path or the reference
+    def choose(key, runs, margin=0.0):  # in eager the reference wins, compiled the fast path or the reference
         chooser.prefer = ('reference' if graph_winner == 'reference' else None) if key.endswith(
             fastpath.IN_GRAPH) else 'reference'
         return eager_choose(key, runs)

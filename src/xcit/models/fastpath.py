@@ -40,6 +40,10 @@ PATHS = ('auto', 'fast', 'reference')
 ENV_PATH = 'XCIT_FAST_PATH'
 ENV_CACHE = 'XCIT_FAST_PATH_CACHE'
 IN_GRAPH = ' | compiled'  # the key suffix of a decision for compiled graphs
+# A candidate timed compiled on its own goes into graphs only when it beats the reference by more than this:
+# alone it misses the fusions across module borders that favour plain ops in a whole graph, and paths within
+# a few percent there swapped on reruns and cost a whole nano training graph 17 % (BENCHMARKS.md, family 23).
+GRAPH_MARGIN = 0.05
 
 # key -> the path compiled graphs take under 'auto' (read while a graph is traced)
 _graph_paths: dict[str, str] = {}
@@ -144,8 +148,9 @@ class PathChooser:
         self._decisions: dict[str, Decision] = {}
         self._disk_loaded = False
 
-    def choose(self, key: str, runs: dict[str, Run]) -> str:
-        """The name of the fastest of `runs` (zero-argument callables) for `key`, timing them the first time."""
+    def choose(self, key: str, runs: dict[str, Run], margin: float = 0.0) -> str:
+        """The name of the fastest of `runs` (zero-argument callables) for `key`, timing them the first time;
+        with a `margin` (a fraction), another run wins over 'reference' only when faster by more than that."""
         decision = self._decisions.get(key)
         if decision is None:
             self._load_disk()
@@ -155,7 +160,10 @@ class PathChooser:
             with torch.random.fork_rng(devices=cuda):  # dropout in a candidate must not move a generator
                 times = self.timer(list(runs.values()))
             times_ms = {name: round(t, 4) for name, t in zip(runs, times)}
-            decision = Decision(min(times_ms, key=times_ms.get), times_ms)
+            fastest = min(times_ms, key=times_ms.get)
+            if 'reference' in times_ms and times_ms[fastest] > (1 - margin) * times_ms['reference']:
+                fastest = 'reference'
+            decision = Decision(fastest, times_ms)
             self._decisions[key] = decision
             self._save_disk()
         return decision.path
@@ -263,10 +271,8 @@ def pick(impl: str, key: str, candidates: Factories, compiled_alike: bool = Fals
         return 'reference'
     if impl == 'fast':
         return next(name for name in candidates if name != 'reference')
-    if torch.compiler.is_exporting():
-        return 'reference'  # an exported graph must run without this package's ops
-    if torch.compiler.is_compiling():
-        return _graph_paths.get(key, 'reference')
+    if torch.compiler.is_compiling():  # an exported graph must run without this package's ops
+        return 'reference' if torch.compiler.is_exporting() else _graph_paths.get(key, 'reference')
     path = CHOOSER.choose(key, {} if CHOOSER.known(key) else {name: factory() for name, factory in candidates.items()})
     if _timing_for_graphs:
         _graph_paths[key] = path if compiled_alike else _choose_compiled(key, candidates)
@@ -286,7 +292,7 @@ def _choose_compiled(key: str, candidates: Factories) -> str:
     # one code object (the reference linear, say) is compiled for every shape it meets: past dynamo's limit
     # of recompilations it would silently run eagerly and be timed so
     with torch._dynamo.config.patch(recompile_limit=1 << 16, accumulated_recompile_limit=1 << 16):
-        return CHOOSER.choose(key + IN_GRAPH, runs)
+        return CHOOSER.choose(key + IN_GRAPH, runs, margin=GRAPH_MARGIN)
 
 
 def _timed_already(key: str) -> bool:
