@@ -524,6 +524,24 @@ def test_cpu_name_tells_generations_of_one_brand_apart(monkeypatch):
     assert fastpath._machine() != zen3 and fastpath.cpu_name() == 'AMD EPYC (family 26, model 2)'
 
 
+def recording_backend(ops: set):
+    """A torch.compile backend that runs the graph as traced and adds the ops it calls to `ops`."""
+    def record(graph_module, example_inputs):
+        ops.update(str(node.target) for node in graph_module.graph.nodes if node.op == 'call_function')
+        return graph_module.forward
+    return record
+
+
+def assert_matches_the_reference(out, model, reference, x):
+    """`out`, model's output for `x`, and the gradients behind it equal the reference model's within 1e-5."""
+    expected = reference(x)
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert (p.grad - q.grad).abs().max() <= 1e-5 * max(q.grad.abs().max(), 1e-3), name
+
+
 def test_fast_paths_reach_compiled_graphs_as_whole_ops(monkeypatch):
     """Under torch.compile a layer on 'fast' keeps its path as one opaque op (the oneDNN linear, the token-major
     XCA core), with no graph break, even in a process whose first model is compiled before any eager forward
@@ -537,19 +555,11 @@ def test_fast_paths_reach_compiled_graphs_as_whole_ops(monkeypatch):
     set_fast_path(model, 'fast')
     ops = set()
 
-    def record(graph_module, example_inputs):
-        ops.update(str(node.target) for node in graph_module.graph.nodes if node.op == 'call_function')
-        return graph_module.forward
-    compiled = torch.compile(model, backend=record, fullgraph=True)
+    compiled = torch.compile(model, backend=recording_backend(ops), fullgraph=True)
     x = torch.randn(2, 3, 48, 64)
     out = compiled(x)
     assert {'xcit.onednn_linear.default', 'xcit.xca_token_major.default'} <= ops, sorted(ops)
-    expected = reference(x)
-    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
-    out.square().sum().backward()
-    expected.square().sum().backward()
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        assert (p.grad - q.grad).abs().max() <= 1e-5 * max(q.grad.abs().max(), 1e-3), name
+    assert_matches_the_reference(out, model, reference, x)
 
 
 def test_the_token_major_ops_pass_torch_library_checks():
@@ -578,12 +588,9 @@ def test_compiled_graphs_take_the_path_that_was_fastest_compiled(graph_winner, c
     model = perturb_(xcit.create_model('xcit_nano_12_p16_224', depth=1, num_classes=5))
     reference = copy.deepcopy(model)
     set_fast_path(reference, 'reference')
-    ops = []
+    ops = set()
 
-    def record(graph_module, example_inputs):
-        ops.extend(str(node.target) for node in graph_module.graph.nodes if node.op == 'call_function')
-        return graph_module.forward
-    compiled = xcit.models.compile_static(model, backend=record, fullgraph=True)
+    compiled = xcit.models.compile_static(model, backend=recording_backend(ops), fullgraph=True)
     x = torch.randn(2, 3, 48, 64)
     state = torch.get_rng_state()
     out = compiled(x)
@@ -593,13 +600,8 @@ def test_compiled_graphs_take_the_path_that_was_fastest_compiled(graph_winner, c
     if layers.onednn_linear_works():  # a lone GEMM compiles to itself: only a linear with GELU is timed compiled
         linear_keys = [key for key in graph_keys if key.startswith('linear train')]
         assert linear_keys and all('+gelu' in key for key in linear_keys), graph_keys
-    assert ('xcit.xca_token_major.default' in ops) == (graph_winner == 'fast'), sorted(set(ops))
-    expected = reference(x)
-    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
-    out.square().sum().backward()
-    expected.square().sum().backward()
-    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
-        assert (p.grad - q.grad).abs().max() <= 1e-5 * max(q.grad.abs().max(), 1e-3), name
+    assert ('xcit.xca_token_major.default' in ops) == (graph_winner == 'fast'), sorted(ops)
+    assert_matches_the_reference(out, model, reference, x)
     # the compiled forward updated BatchNorm's statistics once, as the eager one did; the timing pass not at all
     for (name, b), r in zip(model.named_buffers(), reference.buffers()):
         assert torch.allclose(b, r, atol=1e-6), name
