@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 import platform
 import time
 from dataclasses import asdict, dataclass
@@ -156,8 +157,7 @@ class PathChooser:
             self._load_disk()
             decision = self._decisions.get(key)
         if decision is None:
-            cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-            with torch.random.fork_rng(devices=cuda):  # dropout in a candidate must not move a generator
+            with generators_kept():  # dropout in a candidate must not move a generator
                 times = self.timer(list(runs.values()))
             times_ms = {name: round(t, 4) for name, t in zip(runs, times)}
             fastest = min(times_ms, key=times_ms.get)
@@ -299,6 +299,26 @@ def _timed_already(key: str) -> bool:
     return CHOOSER.known(key) and (not _timing_for_graphs or CHOOSER.known(key + IN_GRAPH))
 
 
+def generators_kept():
+    """A scope whose random draws (CPU, and the current CUDA device where in use) leave the generators as they were."""
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=cuda)
+
+
+@contextmanager
+def buffers_put_back(module: nn.Module):
+    """A scope after which `module`'s buffers (BatchNorm's statistics) hold what they held before it."""
+    saved = {name: b.clone() for name, b in module.named_buffers()}
+    try:
+        yield
+    finally:
+        # through .data: BatchNorm's own updates of its statistics leave their version counters alone, and a
+        # tracked copy here would fail the backward of any earlier forward still waiting for it (DINO's
+        # multi-crop runs a second size before the first one's backward)
+        for name, b in module.named_buffers():
+            b.data.copy_(saved[name])
+
+
 class FastPathModule:
     """A module with fast paths beside its reference maths; `impl` ('auto', 'fast' or 'reference') says which runs."""
 
@@ -318,15 +338,8 @@ class FastPathModule:
             return 'reference'
         if self.impl != 'auto' or torch.compiler.is_compiling() or _timed_already(key):
             return pick(self.impl, key, candidates)
-        saved = {name: b.clone() for name, b in self.named_buffers()}
-        try:
+        with buffers_put_back(self):
             return pick(self.impl, key, candidates)
-        finally:
-            # through .data: BatchNorm's own updates of its statistics leave their version counters alone, and a
-            # tracked copy here would fail the backward of any earlier forward still waiting for it (DINO's
-            # multi-crop runs a second size before the first one's backward)
-            for name, b in self.named_buffers():
-                b.data.copy_(saved[name])
 
 
 def time_paths_for_graphs(model: nn.Module, *args, **kwargs) -> None:
@@ -338,16 +351,12 @@ def time_paths_for_graphs(model: nn.Module, *args, **kwargs) -> None:
         model = model.module  # a forward through DDP without its backward would upset its reducer
     if not any(isinstance(m, FastPathModule) and m.impl == 'auto' for m in model.modules()):
         return
-    saved = {name: b.clone() for name, b in model.named_buffers()}
-    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     _timing_for_graphs = True
     try:
-        with torch.random.fork_rng(devices=cuda):
+        with buffers_put_back(model), generators_kept():
             model(*args, **kwargs)
     finally:
         _timing_for_graphs = False
-        for name, b in model.named_buffers():
-            b.data.copy_(saved[name])  # as in FastPathModule.pick
 
 
 def set_fast_path(model: nn.Module, path: str) -> nn.Module:
