@@ -48,8 +48,9 @@ GRAPH_MARGIN = 0.05
 
 # key -> the path compiled graphs take under 'auto' (read while a graph is traced)
 _graph_paths: dict[str, str] = {}
-# set while `time_paths_for_graphs` runs: `pick` also times each candidate compiled
-_timing_for_graphs = False
+# the backend of the graphs `time_paths_for_graphs` runs for, while it runs: `pick` also times each candidate
+# compiled with it
+_timing_for_graphs: str | Callable | None = None
 # set while the runs to time are built for a graph decision: `candidate_step` compiles what it runs
 _compile_candidates = False
 
@@ -227,9 +228,9 @@ def fast_path_decisions() -> dict[str, dict]:
     return CHOOSER.decisions()
 
 
-def compile_candidate(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """A candidate as a compiled graph runs it: one static graph of its own."""
-    return torch.compile(fn, dynamic=False)
+def compile_candidate(fn: Callable[..., torch.Tensor], backend: str | Callable) -> Callable[..., torch.Tensor]:
+    """A candidate as a compiled graph runs it: one static graph of its own, by the graph's backend."""
+    return torch.compile(fn, backend=backend, dynamic=False)
 
 
 def candidate_step(fn: Callable[..., torch.Tensor], operands: Sequence[torch.Tensor | None], train: bool,
@@ -239,7 +240,7 @@ def candidate_step(fn: Callable[..., torch.Tensor], operands: Sequence[torch.Ten
     autograd.grad, so that no .grad is touched)."""
     leaves = [None if t is None else t.detach().requires_grad_(train and t.requires_grad) for t in operands]
     if _compile_candidates:
-        fn = compile_candidate(fn)
+        fn = compile_candidate(fn, _timing_for_graphs)
     if not train:
         return lambda: fn(*leaves)
     wrt = [t for t in (*leaves, *params) if t is not None and t.requires_grad]
@@ -274,7 +275,7 @@ def pick(impl: str, key: str, candidates: Factories, compiled_alike: bool = Fals
     if torch.compiler.is_compiling():  # an exported graph must run without this package's ops
         return 'reference' if torch.compiler.is_exporting() else _graph_paths.get(key, 'reference')
     path = CHOOSER.choose(key, {} if CHOOSER.known(key) else {name: factory() for name, factory in candidates.items()})
-    if _timing_for_graphs:
+    if _timing_for_graphs is not None:
         _graph_paths[key] = path if compiled_alike else _choose_compiled(key, candidates)
     return path
 
@@ -296,7 +297,7 @@ def _choose_compiled(key: str, candidates: Factories) -> str:
 
 
 def _timed_already(key: str) -> bool:
-    return CHOOSER.known(key) and (not _timing_for_graphs or CHOOSER.known(key + IN_GRAPH))
+    return CHOOSER.known(key) and (_timing_for_graphs is None or CHOOSER.known(key + IN_GRAPH))
 
 
 def generators_kept():
@@ -342,21 +343,22 @@ class FastPathModule:
             return pick(self.impl, key, candidates)
 
 
-def time_paths_for_graphs(model: nn.Module, *args, **kwargs) -> None:
+def time_paths_for_graphs(model: nn.Module, args: tuple, kwargs: dict, backend: str | Callable = 'inductor') -> None:
     """Run `model(*args, **kwargs)` once eagerly (in the caller's grad mode), with each 'auto' layer timing its
-    candidates compiled, each on its own, where it has not yet: a graph traced afterwards takes the fastest.
-    The model's buffers and the random generators are left as they were; the output is dropped."""
+    candidates compiled by `backend`, each on its own, where it has not yet: a graph that backend compiles
+    afterwards takes the fastest. The model's buffers and the random generators are left as they were; the
+    output is dropped."""
     global _timing_for_graphs
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module  # a forward through DDP without its backward would upset its reducer
     if not any(isinstance(m, FastPathModule) and m.impl == 'auto' for m in model.modules()):
         return
-    _timing_for_graphs = True
+    _timing_for_graphs = backend
     try:
         with buffers_put_back(model), generators_kept():
             model(*args, **kwargs)
     finally:
-        _timing_for_graphs = False
+        _timing_for_graphs = None
 
 
 def set_fast_path(model: nn.Module, path: str) -> nn.Module:

@@ -49,9 +49,10 @@ def compile_static(model: nn.Module, **kwargs) -> nn.Module:
 
     Before the first call with each new kind of input (shapes, dtypes, grad mode, train or
     eval), the model runs once eagerly while its 'auto' layers time their candidates
-    compiled (`time_paths_for_graphs`); the graph then takes the fastest of each.
+    compiled by the same backend (`time_paths_for_graphs`); the graph then takes the fastest of each.
     """
     compiled = torch.compile(model, dynamic=False, **kwargs)
+    backend = kwargs.get('backend', 'inductor')
     seen = set()
 
     def time_paths_first(module, args, kwargs):
@@ -59,7 +60,7 @@ def compile_static(model: nn.Module, **kwargs) -> nn.Module:
             (tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else type(t)
             for t in tree_leaves((args, kwargs))))
         if signature not in seen:
-            time_paths_for_graphs(model, *args, **kwargs)
+            time_paths_for_graphs(model, args, kwargs, backend)
             seen.add(signature)
 
     compiled.register_forward_pre_hook(time_paths_first, with_kwargs=True)
