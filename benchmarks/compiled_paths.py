@@ -4,7 +4,8 @@
     python benchmarks/compiled_paths.py -m xcit_nano_12_p16_224 -b 32 --mode train --json out.json
 
 `auto` is the model as `xcit bench` compiles it (`compile_static`: each layer's candidates timed
-compiled, each on its own, the fastest in the graph); `reference` the graph of every module's
+compiled, each on its own, the fastest in the graph, and the graph run only where it beat the eager
+model, which runs otherwise); `reference` the graph of every module's
 reference maths. Each other variant compiles the model with the named kinds of module on `fast`
 (their fast path as whole ops in the graph) and the rest on `reference`; `eager` is the model as
 `xcit bench` runs it uncompiled (every path timed), `timm-compiled` timm's model compiled. All are

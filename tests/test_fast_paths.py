@@ -612,3 +612,35 @@ def test_compiled_graphs_take_the_path_that_was_fastest_compiled(graph_winner, c
     with torch.no_grad():
         compiled(x)  # inference is a new kind: its paths are timed compiled too
     assert any(key.startswith('xca infer') and key.endswith(fastpath.IN_GRAPH) for key in chooser.timed)
+
+
+@pytest.mark.parametrize('winner', ['graph', 'eager'])
+def test_a_compiled_model_runs_its_graph_only_where_the_graph_beat_the_eager_model(winner, chooser, monkeypatch):
+    """compile_static times the whole graph against the model run eagerly, forward and backward, for each new kind
+    of input, and from then on runs the winner; the decision is listed with the layers' and kept across calls,
+    and the timing moves no BatchNorm statistic and leaves no gradient."""
+    monkeypatch.setattr(fastpath, 'compile_candidate', compile_candidate_cheaply)
+    torch._dynamo.reset()  # earlier tests' graphs of the same forward count towards dynamo's recompilation limit
+    chooser.prefer = winner
+    graph_calls = []
+
+    def counting_backend(graph_module, example_inputs):
+        return lambda *a: graph_calls.append(1) or graph_module.forward(*a)
+    torch.manual_seed(0)
+    model = perturb_(xcit.create_model('xcit_nano_12_p16_224', depth=1, cls_attn_layers=1, num_classes=3))
+    reference = copy.deepcopy(model)
+    set_fast_path(reference, 'reference')
+    compiled = xcit.models.compile_static(model, backend=counting_backend)
+    assert list(compiled.state_dict()) == ['_orig_mod.' + k for k in model.state_dict()]
+    x = torch.randn(2, 3, 32, 48)
+    out = compiled(x)  # decides, then runs the winner
+    keys = [key for key in chooser.timed if key.endswith(fastpath.GRAPH)]
+    assert keys == ['XCiT train (2, 3, 32, 48) | graph'] and chooser.decisions()[keys[0]]['path'] == winner
+    assert all(p.grad is None for p in model.parameters())
+    assert_matches_the_reference(out, model, reference, x)
+    for (name, b), r in zip(model.named_buffers(), reference.buffers()):
+        assert torch.allclose(b, r, atol=1e-6), name  # one forward each: the timing runs were put back
+    calls = len(graph_calls)
+    compiled(x).sum().backward()
+    assert len(graph_calls) > calls if winner == 'graph' else len(graph_calls) == calls
+    assert len(chooser.timed) == len(set(chooser.timed))  # nothing timed twice

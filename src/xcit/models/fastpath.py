@@ -16,7 +16,9 @@ has `impl`, shown by print(model):
 Compiled graphs take the reference maths of an 'auto' layer, unless the model was
 compiled by `compile_static`: on each new kind of input that times every candidate
 once more, each compiled on its own, and the graph takes the fastest of those
-(inductor fuses around plain ops, and a path that wins in eager may lose there).
+(inductor fuses around plain ops, and a path that wins in eager may lose there);
+the whole graph is then timed against the model run eagerly, and runs only where it
+is the faster.
 
 `XCIT_FAST_PATH=auto|fast|reference` sets what new models get; `set_fast_path`
 switches a built model. `fast_path_decisions()` lists what was chosen and why
@@ -41,6 +43,7 @@ PATHS = ('auto', 'fast', 'reference')
 ENV_PATH = 'XCIT_FAST_PATH'
 ENV_CACHE = 'XCIT_FAST_PATH_CACHE'
 IN_GRAPH = ' | compiled'  # the key suffix of a decision for compiled graphs
+GRAPH = ' | graph'  # the key suffix of a whole compiled model's decision against the model run eagerly
 # A candidate timed compiled on its own goes into graphs only when it beats the reference by more than this:
 # alone it misses the fusions across module borders that favour plain ops in a whole graph, and paths within
 # a few percent there swapped on reruns and cost a whole nano training graph 17 % (BENCHMARKS.md, family 23).
