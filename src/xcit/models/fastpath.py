@@ -257,6 +257,16 @@ def candidate_step(fn: Callable[..., torch.Tensor], operands: Sequence[torch.Ten
 Factories = dict[str, Callable[[], Run]]
 
 
+def mode_tag(training: bool, grad: bool) -> str:
+    """A module's mode for decision keys: train or eval, and whether autograd records."""
+    return ('train' if grad else 'train-no-grad') if training else ('eval-grad' if grad else 'infer')
+
+
+def has_auto_paths(model: nn.Module) -> bool:
+    """Whether any module of `model` chooses its path by timing ('auto')."""
+    return any(isinstance(m, FastPathModule) and m.impl == 'auto' for m in model.modules())
+
+
 def dtype_tag(x: torch.Tensor) -> str:
     """The precision an op on `x` runs in, for decision keys: autocast's, where it is on, else x's dtype."""
     if x.device.type != 'meta' and torch.is_autocast_enabled(x.device.type):
@@ -354,7 +364,7 @@ def time_paths_for_graphs(model: nn.Module, args: tuple, kwargs: dict, backend: 
     global _timing_for_graphs
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module  # a forward through DDP without its backward would upset its reducer
-    if not any(isinstance(m, FastPathModule) and m.impl == 'auto' for m in model.modules()):
+    if not has_auto_paths(model):
         return
     _timing_for_graphs = backend
     try:

@@ -8,7 +8,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_leaves
 
 from . import fastpath
-from .fastpath import GRAPH, FastPathModule, buffers_put_back, time_paths_for_graphs
+from .fastpath import GRAPH, buffers_put_back, has_auto_paths, mode_tag, time_paths_for_graphs
 from .layers import fold_conv_bn
 
 
@@ -107,13 +107,11 @@ class StaticGraphs(nn.Module):
 
     def _graph_or_eager(self, args: tuple, kwargs: dict):
         model = self._orig_mod
-        if isinstance(model, nn.parallel.DistributedDataParallel) or not any(
-                isinstance(m, FastPathModule) and m.impl == 'auto' for m in model.modules()):
+        if isinstance(model, nn.parallel.DistributedDataParallel) or not has_auto_paths(model):
             return self.graphs
         params = [p for p in model.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
         shapes = ' '.join(str(tuple(t.shape)) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
-        mode = ('train' if params else 'train-no-grad') if model.training else ('eval-grad' if params else 'infer')
-        key = f'{type(model).__name__} {mode} {shapes}{GRAPH}'
+        key = f'{type(model).__name__} {mode_tag(model.training, bool(params))} {shapes}{GRAPH}'
         runs = {} if fastpath.CHOOSER.known(key) else dict(graph=_timed_run(self.graphs, args, kwargs, params),
                                                    eager=_timed_run(model, args, kwargs, params))
         with buffers_put_back(model):

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._base import ClassifierMixin, Trunk, create_family, head_classes, init_weights, shared_cfg
-from .fastpath import FastPathModule, candidate_step, dtype_tag
+from .fastpath import FastPathModule, candidate_step, dtype_tag, mode_tag
 from .layers import (DropPath, Linear, Mlp, autocast_active, autograd_records, fold_conv_bn, layer_scale_residual, linear,
                      take_indices)
 from .xca_triton import fused_xca_runs, triton_available, xca_fused
@@ -108,8 +108,7 @@ class ConvPatchEmbed(FastPathModule, nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         params = list(self.parameters())
         grad = autograd_records(x, *params)
-        mode = ('train' if grad else 'train-no-grad') if self.training else ('eval-grad' if grad else 'infer')
-        key = f'xcit stem {mode} {x.device.type} {dtype_tag(x)} {tuple(x.shape)}'
+        key = f'xcit stem {mode_tag(self.training, grad)} {x.device.type} {dtype_tag(x)} {tuple(x.shape)}'
         path = self.pick(key, dict(channels_last_folded=lambda: candidate_step(self._fast, (x,), grad, params),
                                    reference=lambda: candidate_step(self.proj, (x,), grad, params)), x)
         # passed straight in, so that no name here keeps the reordered copy of the image alive
