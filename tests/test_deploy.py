@@ -67,12 +67,20 @@ def _onnx_logits(path: Path, images: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(session.run(['logits'], {'image': images.numpy()})[0])
 
 
+def _assert_onnx_matches_at_the_export_size_and_another(onnx_path: Path, model: torch.nn.Module) -> None:
+    for shape in ((2, 3, 96, 96), (3, 3, 128, 112)):
+        images = torch.randn(*shape)
+        with torch.no_grad():
+            expected = model(images)
+        assert (_onnx_logits(onnx_path, images) - expected).abs().max() < 1e-4, shape
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize('name', ['xcit_nano_12_p16_224', 'cvt_13_224'])
-def test_onnx_export_matches_pytorch_at_the_export_size_and_another(name, tmp_path):
+def test_export_cli_writes_onnx_of_any_size_that_matches_pytorch(tmp_path):
     pytest.importorskip('onnxscript', reason='ONNX export needs onnx and onnxscript (pip install "xcit[onnx]")')
     pytest.importorskip('onnxruntime', reason='the parity check runs the graph in onnxruntime')
     torch.manual_seed(0)
+    name = 'xcit_nano_12_p16_224'
     model = perturb_(xcit.create_model(name), scale=0.01).eval()
     checkpoint = tmp_path / 'weights.safetensors'
     xcit.checkpoints.save_state_dict(model.state_dict(), checkpoint, 'safetensors', model_name=name)
@@ -80,11 +88,18 @@ def test_onnx_export_matches_pytorch_at_the_export_size_and_another(name, tmp_pa
     proc = run_cli('export', '--model', name, '--checkpoint', checkpoint, '--onnx', onnx_path, '--dynamic-size',
                    '--image-size', 96, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    for shape in ((2, 3, 96, 96), (3, 3, 128, 112)):
-        images = torch.randn(*shape)
-        with torch.no_grad():
-            expected = model(images)
-        assert (_onnx_logits(onnx_path, images) - expected).abs().max() < 1e-4, shape
+    _assert_onnx_matches_at_the_export_size_and_another(onnx_path, model)
+
+
+@pytest.mark.slow
+def test_cvt_exports_to_onnx_of_any_size_that_matches_pytorch(tmp_path):
+    """CvT's convolutional projections and its class token in the last stage, one block a stage."""
+    pytest.importorskip('onnxscript')
+    pytest.importorskip('onnxruntime')
+    torch.manual_seed(0)
+    model = perturb_(xcit.create_model('cvt_13_224', depths=[1, 1, 1]), scale=0.01).eval()
+    path = xcit.export.export_onnx(model, tmp_path / 'cvt.onnx', image_size=(96, 96), dynamic_size=True)
+    _assert_onnx_matches_at_the_export_size_and_another(path, model)
 
 
 @pytest.mark.slow
