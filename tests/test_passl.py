@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import xcit
-from conftest import perturb_, run_cli
+from conftest import cli, perturb_
 from xcit.checkpoints.paddle import _WeightsOnlyUnpickler, read_paddle_pickle
 
 
@@ -36,11 +36,11 @@ def test_distillation_checkpoint_loads_its_student(fixtures_dir):
 
 
 @pytest.mark.parametrize('spelling', ['--remove_prefix', '--remove-prefix'])
-def test_extract_student_weights_like_passl(fixtures_dir, tmp_path, spelling):
+def test_extract_student_weights_like_passl(fixtures_dir, tmp_path, spelling, capsys):
     out = tmp_path / 's.pdparams'
-    proc = run_cli('extract-weights', fixtures_dir / 'passl_dist_checkpoint_epoch_3.pd', '--prefix', 'Student', spelling,
-                '--output', out)
-    assert proc.returncode == 0, proc.stderr
+    code, _, err = cli(capsys, 'extract-weights', fixtures_dir / 'passl_dist_checkpoint_epoch_3.pd', '--prefix',
+                       'Student', spelling, '--output', out)
+    assert code == 0, err
     arrays = _raw_arrays(out)
     assert all(k.startswith(('backbone.', 'head.fc_cls.')) for k in arrays)  # what PASSL's --load expects
     assert all(isinstance(v, np.ndarray) for v in arrays.values())
@@ -48,27 +48,26 @@ def test_extract_student_weights_like_passl(fixtures_dir, tmp_path, spelling):
     assert _logits_error(model, fixtures_dir, 'xcit_nano_12_p8_224') < 1e-4
 
 
-def test_extract_to_our_layout_and_bare_backbone(fixtures_dir, tmp_path):
+def test_extract_to_our_layout_and_bare_backbone(fixtures_dir, tmp_path, capsys):
     src = fixtures_dir / 'passl_dist_checkpoint_epoch_3.pd'
     ours = tmp_path / 'student.pth'
-    assert run_cli('extract-weights', src, '--prefix', 'Student', '--remove_prefix', '--output', ours).returncode == 0
+    assert cli(capsys, 'extract-weights', src, '--prefix', 'Student', '--remove_prefix', '--output', ours)[0] == 0
     state = torch.load(ours, weights_only=True)['model']
     assert 'head.weight' in state and 'patch_embed.proj.0.1.running_mean' in state
     assert state['blocks.0.attn.qkv.weight'].shape == (384, 128)  # PyTorch's [out, in]
     bare = tmp_path / 'backbone.pdparams'
-    assert run_cli('extract-weights', src, '--prefix', 'Student.backbone', '--remove_prefix', '--output', bare).returncode == 0
+    assert cli(capsys, 'extract-weights', src, '--prefix', 'Student.backbone', '--remove_prefix', '--output', bare)[0] == 0
     assert 'cls_token' in _raw_arrays(bare) and not any(k.startswith('head') for k in _raw_arrays(bare))
     features = xcit.create_model('xcit_nano_12_p8_224', num_classes=0, checkpoint_path=bare)
     assert torch.equal(features.cls_token, torch.from_numpy(_raw_arrays(bare)['cls_token']))
 
 
-def test_extract_with_a_prefix_that_matches_nothing_fails_clearly(fixtures_dir, tmp_path):
+def test_extract_with_a_prefix_that_matches_nothing_fails_clearly(fixtures_dir, tmp_path, capsys):
     out = tmp_path / 'none.pdparams'
-    proc = run_cli('extract-weights', fixtures_dir / 'passl_dist_checkpoint_epoch_3.pd', '--prefix', 'Stduent',
-                '--remove_prefix', '--output', out)
-    assert proc.returncode != 0 and not out.exists()
-    assert "no entry starts with 'Stduent'" in proc.stderr and 'Student, Teacher' in proc.stderr
-    assert 'Traceback' not in proc.stderr
+    code, _, err = cli(capsys, 'extract-weights', fixtures_dir / 'passl_dist_checkpoint_epoch_3.pd', '--prefix',
+                       'Stduent', '--remove_prefix', '--output', out)
+    assert code == 2 and not out.exists() and len(err) == 1, err
+    assert "no entry starts with 'Stduent'" in err[0] and 'Student, Teacher' in err[0]
 
 
 def test_our_passl_export_has_passls_exact_layout(fixtures_dir, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import cli, run_cli
 from xcit.config import ConfigError, load_config
 from xcit.passl_config import translate_passl_config
 
@@ -259,34 +259,34 @@ def _broken(path_parts, value):
     (('optimizer', 'name'), 'Momentum', 'optimizer.name'),
     (('lr_scheduler', 'end_lr'), '1e-3', 'lr_scheduler.end_lr'),
 ], ids=['backbone', 'architecture', 'hook', 'optimizer', 'warmup-end'])
-def test_untranslatable_keys_are_one_line_naming_them(parts, value, named, tmp_path):
+def test_untranslatable_keys_are_one_line_naming_them(parts, value, named, tmp_path, capsys):
     path = _write(tmp_path, 'bad', _broken(parts, value))
     with pytest.raises(ConfigError, match=re.escape(f'PASSL key {named}')):
         load_config(path)
-    done = run_cli('train', '-c', path)
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and named in done.stderr
+    code, _, err = cli(capsys, 'train', '-c', path)
+    assert code == 2 and len(err) == 1 and named in err[0], err
 
 
-def test_config_import_writes_ours_and_show_resolves_a_stack(tmp_path):
+def test_config_import_writes_ours_and_show_resolves_a_stack(tmp_path, capsys):
     values, batch = XCIT['xcit_small_12_p16_224']
     passl = _write(tmp_path, 'xcit_small_12_p16_224', passl_xcit_config(_architecture(values), batch))
     ours = tmp_path / 'ours.yaml'
-    done = run_cli('config', 'import', passl, '--output', ours)
-    assert done.returncode == 0, done.stderr
-    assert 'not carried over: device' in done.stderr
+    code, _, err = cli(capsys, 'config', 'import', passl, '--output', ours)
+    assert code == 0, err
+    assert any('not carried over: device' in line for line in err), err
     written = yaml.safe_load(ours.read_text())
     assert 'dataloader' not in written and written['model']['name'] == 'xcit_small_12_p16_224'
     direct = load_config(passl).to_dict()
     assert load_config(ours).to_dict() == dict(direct, experiment='ours')
-    shown = run_cli('config', 'show', '-c', ours, '-c', CONFIGS / 'xcit' / 'recipes' / 'official.yaml',
-                    '-o', 'optim.lr=1e-3')
-    assert shown.returncode == 0, shown.stderr
-    resolved = yaml.safe_load(shown.stdout)
+    code, shown, err = cli(capsys, 'config', 'show', '-c', ours, '-c', CONFIGS / 'xcit' / 'recipes' / 'official.yaml',
+                           '-o', 'optim.lr=1e-3')
+    assert code == 0, err
+    resolved = yaml.safe_load('\n'.join(shown))
     official = yaml.safe_load((CONFIGS / 'xcit' / 'recipes' / 'official.yaml').read_text())
     assert resolved['optim']['lr'] == 1e-3 and resolved['train']['ema'] == official['train']['ema']
     assert resolved['model']['name'] == 'xcit_small_12_p16_224'
-    not_passl = run_cli('config', 'import', CONFIGS / 'xcit' / 'xcit_nano_12_p8_224.yaml', '--output', ours)
-    assert not_passl.returncode == 2 and 'not a PASSL config' in not_passl.stderr
+    code, _, err = cli(capsys, 'config', 'import', CONFIGS / 'xcit' / 'xcit_nano_12_p8_224.yaml', '--output', ours)
+    assert code == 2 and len(err) == 1 and 'not a PASSL config' in err[0], err
 
 
 def test_passl_configs_are_not_changed_by_translation():

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import run_cli
+from conftest import cli, run_cli
 from xcit.checkpoints import CheckpointError, extract_state_dict, load_into, read_state_dict
 from xcit.checkpoints.paddle import write_paddle_pickle
 from xcit.checkpoints.regnet import guess_regnet, passl_regnet_to_timm, regnet_stages, timm_regnet_name
@@ -128,13 +128,13 @@ def test_fixture_converts_for_timm_and_reproduces_passls_logits(fixtures_dir, tm
         assert (model(x) - expected).abs().max() < 1e-4
 
 
-def test_a_teacher_file_of_another_size_says_which_it_looks_like(tmp_path):
+def test_a_teacher_file_of_another_size_says_which_it_looks_like(tmp_path, capsys):
     widths, depths, groups = regnet_stages(36.44, 24, 2.49, 13, 8)
     path = tmp_path / 'small.pdparams'
     write_paddle_pickle(passl_regnet_arrays(widths, depths, groups, num_classes=1000), path)
-    done = run_cli('convert', path, tmp_path / 'out.safetensors', '--to', 'timm', '--model', 'regnety_160')
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
-    assert 'looks like regnety_002' in done.stderr and 'regnety_160' in done.stderr
+    code, _, err = cli(capsys, 'convert', path, tmp_path / 'out.safetensors', '--to', 'timm', '--model', 'regnety_160')
+    assert code == 2 and len(err) == 1, err
+    assert 'looks like regnety_002' in err[0] and 'regnety_160' in err[0]
     assert not (tmp_path / 'out.safetensors').exists()
 
 

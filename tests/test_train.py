@@ -184,14 +184,14 @@ def test_torch_compile_switch(tmp_path, monkeypatch):
     assert not any(k.startswith('_orig_mod') for k in saved)  # checkpoints hold the plain model
 
 
-def test_tensorboard_without_the_package_is_a_clear_error(tmp_path):
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, capsys):
     try:
         import torch.utils.tensorboard  # noqa: F401
         pytest.skip('tensorboard is installed')
     except ImportError:
         pass
-    proc = run_cli('train', '-c', tiny_run_config(tmp_path), '-o', 'train.tensorboard=True')
-    assert proc.returncode == 2 and 'pip install tensorboard' in proc.stderr
+    code, _, err = cli(capsys, 'train', '-c', tiny_run_config(tmp_path), '-o', 'train.tensorboard=True')
+    assert code == 2 and len(err) == 1 and 'pip install tensorboard' in err[0], err
 
 
 @pytest.mark.parametrize('name,kwargs', [('cvt_13_224', {'depths': [1, 1, 1]}),
