@@ -419,10 +419,12 @@ def test_optimize_for_inference_compiles_without_graph_breaks_and_matches(monkey
 
 @pytest.mark.slow
 def test_compiled_training_survives_new_shapes(monkeypatch):
-    """A second resolution and batch size: where dynamic-shape inductor fails on XCiT's channels_last views."""
+    """A second resolution and batch size: where dynamic-shape inductor fails on XCiT's channels_last views
+    (the LPI and the positional encoding; no class attention, whose inductor compiles cost a third of the
+    test and which the inference test above compiles)."""
     monkeypatch.setattr(fastpath, 'compile_candidate', compile_candidate_cheaply)
     torch.manual_seed(0)
-    model = xcit.create_model('xcit_nano_12_p8_224', depth=1, cls_attn_layers=1, num_classes=4)
+    model = xcit.create_model('xcit_nano_12_p8_224', depth=1, cls_attn_layers=0, num_classes=4)
     compiled = xcit.models.compile_static(model)
     for batch, height, width in ((2, 48, 48), (3, 64, 40)):
         x = torch.randn(batch, 3, height, width)
