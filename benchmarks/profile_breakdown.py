@@ -2,7 +2,7 @@
 
     python benchmarks/profile_breakdown.py --json benchmarks/results/profile_after.json
     PYTHONPATH=<older checkout>/src python benchmarks/profile_breakdown.py --json .../profile_before.json
-    python benchmarks/profile_breakdown.py --impl timm      # timm's implementation of the same models
+    python benchmarks/profile_breakdown.py --impl xcit,xcit-reference,timm   # timed in turns, one row each
     python benchmarks/profile_breakdown.py --impl xcit-compiled --modes infer   # or timm-compiled
 
 Each op's self time (torch.profiler) falls into one of: matmul, convolution,
@@ -71,11 +71,8 @@ def count_flops(name: str, batch: int, img_size: int, mode: str) -> float:
     return counter.get_total_flops()
 
 
-def profile(name: str, impl: str, batch: int, img_size: int, mode: str, peak_gflops: float, repeats: int = 5
-            ) -> dict:
-    flops = count_flops(name, batch, img_size, mode)
-    step = make_step(name, impl, batch, img_size, mode)
-    step(), step()
+def shares_of_step(step) -> dict[str, float]:
+    """Each category's share (%) of one profiled step's self time."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
     seconds = dict.fromkeys([*CATEGORIES, OTHER], 0.0)
@@ -83,17 +80,34 @@ def profile(name: str, impl: str, batch: int, img_size: int, mode: str, peak_gfl
         op = event.key.split('::')[-1]
         category = next((c for c, ops in CATEGORIES.items() if op in ops), OTHER)
         seconds[category] += event.self_cpu_time_total / 1e6
-    timings = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        timings.append(time.perf_counter() - start)
-    step_ms = sorted(timings)[repeats // 2] * 1e3
     profiled = sum(seconds.values())
+    return {f'{c} %': round(100 * s / profiled, 1) for c, s in seconds.items()}
+
+
+def profile(name: str, impls: list[str], batch: int, img_size: int, mode: str, peak_gflops: float,
+            rounds: int = 5) -> list[dict]:
+    """One row per implementation: its step time, timed in turns with the others (so that the machine's
+    drift hits them alike), the floor, and the shares of one profiled step."""
+    flops = count_flops(name, batch, img_size, mode)
+    steps = {impl: make_step(name, impl, batch, img_size, mode) for impl in impls}
+    shares = {}
+    for impl, step in steps.items():
+        step(), step()
+        shares[impl] = shares_of_step(step)
+    timings = {impl: [] for impl in impls}
+    for _ in range(rounds):
+        for impl, step in steps.items():
+            start = time.perf_counter()
+            step()
+            timings[impl].append(time.perf_counter() - start)
     floor_ms = flops / peak_gflops / 1e6
-    return dict(model=name, impl=impl, batch=batch, mode=mode, step_ms=round(step_ms, 1), floor_ms=round(floor_ms, 1),
-                floor_fraction=round(floor_ms / step_ms, 3), gflop=round(flops / 1e9, 2),
-                **{f'{c} %': round(100 * s / profiled, 1) for c, s in seconds.items()})
+    rows = []
+    for impl in impls:
+        step_ms = sorted(timings[impl])[rounds // 2] * 1e3
+        rows.append(dict(model=name, impl=impl, batch=batch, mode=mode, step_ms=round(step_ms, 1),
+                         floor_ms=round(floor_ms, 1), floor_fraction=round(floor_ms / step_ms, 3),
+                         gflop=round(flops / 1e9, 2), **shares[impl]))
+    return rows
 
 
 def main() -> None:
@@ -102,16 +116,21 @@ def main() -> None:
     parser.add_argument('--modes', default='infer,train')
     parser.add_argument('--cases', default=CASES, help=f'MODEL:BATCH,... (default {CASES})')
     parser.add_argument('--img-size', type=int, default=224)
-    parser.add_argument('--impl', choices=bench.IMPLS, default='xcit')
+    parser.add_argument('--impl', default='xcit',
+                        help=f"comma-separated, timed in turns: from {', '.join(bench.IMPLS)} (default xcit)")
     parser.add_argument('--peak-gflops', type=float,
                         help='the GEMM rate to measure the floor by (default: measured now); pass one value to '
                              'every run that is to be compared, as the measured rate drifts with the machine')
     args = parser.parse_args()
+    impls = args.impl.split(',')
+    bad = [impl for impl in impls if impl not in bench.IMPLS]
+    if bad:
+        parser.error(f"unknown implementation(s) {', '.join(bad)}; choose from {', '.join(bench.IMPLS)}")
     keep_freed_memory()  # as `xcit bench` times its steps
     peak = args.peak_gflops or gemm_peak_gflops()
     cases = [(case.split(':')[0], int(case.split(':')[1])) for case in args.cases.split(',')]
-    rows = [profile(name, args.impl, batch, args.img_size, mode, peak)
-            for name, batch in cases for mode in args.modes.split(',')]
+    rows = [row for name, batch in cases for mode in args.modes.split(',')
+            for row in profile(name, impls, batch, args.img_size, mode, peak)]
     columns = list(rows[0])
     print(f'{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__};'
           f' float32 GEMM peak {peak:.0f} GFLOP/s')

@@ -17,13 +17,17 @@ REPO = Path(__file__).resolve().parents[1]
 def test_profile_breakdown_accounts_for_the_whole_step(tmp_path):
     out = tmp_path / 'profile.json'
     proc = subprocess.run([sys.executable, REPO / 'benchmarks' / 'profile_breakdown.py', '--cases',
-                           'xcit_nano_12_p16_224:2', '--img-size', '64', '--json', out],
+                           'xcit_nano_12_p16_224:2', '--img-size', '64', '--impl', 'xcit,xcit-reference',
+                           '--json', out],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
     assert data['gemm_peak_gflops'] > 1 and data['cpu']
-    assert [row['mode'] for row in data['rows']] == ['infer', 'train']
-    infer, train = data['rows']
+    # per mode, one row per implementation, timed in turns: the same maths, so the same floor
+    assert [(row['mode'], row['impl']) for row in data['rows']] == [
+        ('infer', 'xcit'), ('infer', 'xcit-reference'), ('train', 'xcit'), ('train', 'xcit-reference')]
+    infer, infer_reference, train, _ = data['rows']
+    assert infer['floor_ms'] == infer_reference['floor_ms']
     for row in data['rows']:
         shares = [v for k, v in row.items() if k.endswith('%')]
         assert len(shares) == 4 and abs(sum(shares) - 100) < 0.5 and row['matmul %'] > 0

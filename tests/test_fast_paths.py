@@ -162,6 +162,26 @@ def test_whichever_path_wins_the_model_computes_the_reference(winner, chooser):
     assert any(d['path'] == winner for d in chooser.decisions().values()) or not layers.onednn_linear_works()
 
 
+def test_the_bench_reference_model_times_nothing_and_computes_what_the_timed_one_does(chooser):
+    """`xcit bench --impls xcit,xcit-reference`: the same model with every hardware-dependent path forced off
+    asks the chooser nothing, and its training step gives the timed model's loss and gradients."""
+    from xcit import bench
+    chooser.prefer = 'token_major'
+    x, target = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
+    losses, grads = {}, {}
+    for impl in ('xcit-reference', 'xcit'):
+        torch.manual_seed(0)
+        model = bench.build_model('xcit_nano_12_p16_224', impl, 64)
+        asked_before = len(chooser.timed)
+        loss = F.cross_entropy(model(x), target)
+        loss.backward()
+        losses[impl], grads[impl] = loss.item(), [p.grad for p in model.parameters()]
+        assert (len(chooser.timed) > asked_before) == (impl == 'xcit'), impl
+    assert abs(losses['xcit'] - losses['xcit-reference']) < 1e-5
+    for ours, plain in zip(grads['xcit'], grads['xcit-reference']):
+        assert (ours - plain).abs().max() <= 1e-5 * max(plain.abs().max().item(), 1e-3)
+
+
 @needs_onednn
 @pytest.mark.parametrize('gelu', [False, True])
 @pytest.mark.parametrize('bias', [False, True])

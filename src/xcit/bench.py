@@ -33,7 +33,8 @@ from .allocator import freed_memory_kept, keep_freed_memory
 from .models import compile_static
 
 MAC_COUNTER = 'torch.utils.flop_counter (matmul + conv MACs)'
-IMPLS = ('xcit', 'xcit-sdpa', 'xcit-triton', 'xcit-compiled', 'xcit-optimized', 'timm', 'timm-compiled')
+IMPLS = ('xcit', 'xcit-reference', 'xcit-sdpa', 'xcit-triton', 'xcit-compiled', 'xcit-optimized', 'timm',
+         'timm-compiled')
 
 
 @dataclass
@@ -63,14 +64,15 @@ def _compile(model: nn.Module) -> nn.Module:
 
 
 def build_model(name: str, impl: str, img_size: int, device: str = 'cpu') -> nn.Module:
-    """`impl`: xcit (eager), xcit-sdpa and xcit-triton (eager, that xca_impl), xcit-compiled, xcit-optimized
+    """`impl`: xcit (eager), xcit-reference (eager, every layer on its reference maths: what the fast paths
+    are timed against), xcit-sdpa and xcit-triton (eager, that xca_impl), xcit-compiled, xcit-optimized
     (optimize_for_inference), timm, timm-compiled.
 
     Non-xcit model names (a token-attention baseline such as deit_small_patch16_224)
     are built by timm for its impls, at `img_size` so that their position embedding fits.
     """
     from .factory import create_model
-    from .models import optimize_for_inference
+    from .models import optimize_for_inference, set_fast_path
     from .registry import is_model
     if impl not in IMPLS:
         raise ValueError(f"unknown implementation {impl!r}; choose from {', '.join(IMPLS)}")
@@ -79,6 +81,8 @@ def build_model(name: str, impl: str, img_size: int, device: str = 'cpu') -> nn.
             raise ValueError(f'{name} is not an xcit model; compare it with --impls timm')
         kwargs = dict(xca_impl=impl.removeprefix('xcit-')) if impl in ('xcit-sdpa', 'xcit-triton') else {}
         model = create_model(name, **kwargs).to(device)
+        if impl == 'xcit-reference':
+            return set_fast_path(model, 'reference')
         if impl == 'xcit-optimized':
             return _compile(optimize_for_inference(model, compile=False))
         return _compile(model) if impl == 'xcit-compiled' else model
