@@ -32,7 +32,9 @@ def test_profile_breakdown_accounts_for_the_whole_step(tmp_path):
         shares = [v for k, v in row.items() if k.endswith('%')]
         assert len(shares) == 4 and abs(sum(shares) - 100) < 0.5 and row['matmul %'] > 0
         assert 0 < row['floor_fraction'] <= 1 and row['floor_ms'] < row['step_ms']
-    assert train['gflop'] > 2.5 * infer['gflop']  # the backward costs about twice the forward
+    # the backward costs twice the forward (a little less: nothing needs the image's gradient); LPI's
+    # depthwise convs counted as dense ones in the backward, as torch's formula does, would make it 4x
+    assert 2.8 < train['gflop'] / infer['gflop'] < 3.05
 
 
 def test_the_ratio_range_is_that_of_the_rounds_taken_in_turns():
