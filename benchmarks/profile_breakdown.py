@@ -78,7 +78,8 @@ def conv_backward_flop(grad_out_shape, x_shape, w_shape, _bias, _stride, _paddin
 def count_flops(name: str, batch: int, img_size: int, mode: str) -> float:
     """Matmul and conv FLOPs of one step, counted on the meta device (every path takes plain PyTorch ops there)."""
     step = make_step(name, 'xcit', batch, img_size, mode, device='meta')
-    with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flop}) as counter:
+    formulas = {torch.ops.aten.convolution_backward: conv_backward_flop}
+    with FlopCounterMode(display=False, custom_mapping=formulas) as counter:
         step()
     return counter.get_total_flops()
 
