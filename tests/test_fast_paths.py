@@ -167,7 +167,7 @@ def test_the_bench_reference_model_times_nothing_and_computes_what_the_timed_one
     asks the chooser nothing, and its training step gives the timed model's loss and gradients."""
     from xcit import bench
     chooser.prefer = 'token_major'
-    x, target = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
+    x, target = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)), torch.tensor([1, 7])
     losses, grads = {}, {}
     for impl in ('xcit-reference', 'xcit'):
         torch.manual_seed(0)
@@ -178,8 +178,10 @@ def test_the_bench_reference_model_times_nothing_and_computes_what_the_timed_one
         losses[impl], grads[impl] = loss.item(), [p.grad for p in model.parameters()]
         assert (len(chooser.timed) > asked_before) == (impl == 'xcit'), impl
     assert abs(losses['xcit'] - losses['xcit-reference']) < 1e-5
+    # twelve blocks of float32 sums in another order: 1e-4 of each gradient's scale (the 1e-5 of each path
+    # is held on two blocks above)
     for ours, plain in zip(grads['xcit'], grads['xcit-reference']):
-        assert (ours - plain).abs().max() <= 1e-5 * max(plain.abs().max().item(), 1e-3)
+        assert (ours - plain).abs().max() <= 1e-4 * max(plain.abs().max().item(), 1e-3)
 
 
 @needs_onednn
