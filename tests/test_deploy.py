@@ -61,6 +61,13 @@ def test_attention_cli_draws_a_real_photo(photo, tmp_path):
     assert missing.returncode == 2 and 'nope.jpg' in missing.stderr and 'Traceback' not in missing.stderr
 
 
+@pytest.fixture
+def onnx_runtime():
+    """onnxruntime, where ONNX export and its runtime are installed; otherwise the test skips, saying why."""
+    pytest.importorskip('onnxscript', reason='ONNX export needs onnx and onnxscript (pip install "xcit[onnx]")')
+    return pytest.importorskip('onnxruntime', reason='the parity checks run the graph in onnxruntime')
+
+
 def _onnx_logits(path: Path, images: torch.Tensor) -> torch.Tensor:
     import onnxruntime
     session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
@@ -76,9 +83,7 @@ def _assert_onnx_matches_at_the_export_size_and_another(onnx_path: Path, model: 
 
 
 @pytest.mark.slow
-def test_export_cli_writes_onnx_of_any_size_that_matches_pytorch(tmp_path):
-    pytest.importorskip('onnxscript', reason='ONNX export needs onnx and onnxscript (pip install "xcit[onnx]")')
-    pytest.importorskip('onnxruntime', reason='the parity check runs the graph in onnxruntime')
+def test_export_cli_writes_onnx_of_any_size_that_matches_pytorch(tmp_path, onnx_runtime):
     torch.manual_seed(0)
     name = 'xcit_nano_12_p16_224'
     model = perturb_(xcit.create_model(name), scale=0.01).eval()
@@ -92,10 +97,8 @@ def test_export_cli_writes_onnx_of_any_size_that_matches_pytorch(tmp_path):
 
 
 @pytest.mark.slow
-def test_cvt_exports_to_onnx_of_any_size_that_matches_pytorch(tmp_path):
+def test_cvt_exports_to_onnx_of_any_size_that_matches_pytorch(tmp_path, onnx_runtime):
     """CvT's convolutional projections and its class token in the last stage, one block a stage."""
-    pytest.importorskip('onnxscript')
-    pytest.importorskip('onnxruntime')
     torch.manual_seed(0)
     model = perturb_(xcit.create_model('cvt_13_224', depths=[1, 1, 1]), scale=0.01).eval()
     path = xcit.export.export_onnx(model, tmp_path / 'cvt.onnx', image_size=(96, 96), dynamic_size=True)
@@ -103,9 +106,7 @@ def test_cvt_exports_to_onnx_of_any_size_that_matches_pytorch(tmp_path):
 
 
 @pytest.mark.slow
-def test_onnx_export_without_dynamic_size_fixes_height_and_width(tmp_path):
-    pytest.importorskip('onnxscript')
-    onnx_runtime = pytest.importorskip('onnxruntime')
+def test_onnx_export_without_dynamic_size_fixes_height_and_width(tmp_path, onnx_runtime):
     model = xcit.create_model('xcit_nano_12_p16_224', depth=2).eval()
     path = xcit.export.export_onnx(model, tmp_path / 'fixed.onnx', image_size=(64, 64))
     images = torch.randn(5, 3, 64, 64)  # any batch size
