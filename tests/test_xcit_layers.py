@@ -126,3 +126,41 @@ def test_layer_scale_residual_has_addcmuls_gradients():
     b = branch.clone().requires_grad_()
     d_branch, = torch.autograd.grad(layer_scale_residual(x, frozen, b), b, grad)
     assert torch.allclose(d_branch, grad * gamma)
+
+
+def test_activations_see_channels_last_maps_as_contiguous_tensors():
+    """An elementwise op on a channels-last map gets its contiguous NHWC view (PyTorch gives contiguous
+    tensors its faster GELU kernels) and hands back the op's values in the map's own layout."""
+    from xcit.models.layers import on_contiguous_view
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 4).contiguous(memory_format=torch.channels_last)
+    seen = []
+
+    def gelu(t):
+        seen.append(t.is_contiguous())
+        return F.gelu(t)
+    y = on_contiguous_view(gelu, x)
+    assert seen == [True] and y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(y, F.gelu(x.contiguous()), atol=1e-6)
+    plain = torch.randn(2, 6, 5, 4)  # a contiguous map is passed as it is
+    assert torch.equal(on_contiguous_view(gelu, plain), F.gelu(plain)) and seen == [True, True]
+
+
+def test_lpi_on_tokens_matches_its_convolutions_on_an_image():
+    """LPI takes (B, N, C) tokens as a channels-last view: outputs and gradients equal the official
+    conv -> GELU -> BatchNorm -> conv on the contiguous (B, C, H, W) image of the same tokens."""
+    from xcit.models.xcit import LPI
+    torch.manual_seed(0)
+    lpi = perturb_(LPI(8)).train()
+    B, H, W = 2, 3, 5
+    tokens = torch.randn(B, H * W, 8, requires_grad=True)
+    grad = torch.randn(B, H * W, 8)
+    out = lpi(tokens, H, W)
+    d_tokens, *d_params = torch.autograd.grad(out, [tokens, *lpi.parameters()], grad)
+    image = tokens.detach().transpose(1, 2).reshape(B, 8, H, W).contiguous().requires_grad_()
+    reference = lpi.conv2(lpi.bn(F.gelu(lpi.conv1(image))))  # (B, C, H, W)
+    d_image, *d_params_ref = torch.autograd.grad(reference, [image, *lpi.parameters()],
+                                                 grad.transpose(1, 2).reshape(B, 8, H, W))
+    assert torch.allclose(out, reference.flatten(2).transpose(1, 2), atol=1e-5)
+    assert torch.allclose(d_tokens, d_image.flatten(2).transpose(1, 2), atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(d_params, d_params_ref))

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ._base import ClassifierMixin, Trunk, create_family, head_classes, init_weights, shared_cfg
 from .fastpath import FastPathModule, candidate_step, dtype_tag, mode_tag
 from .layers import (DropPath, Linear, Mlp, autocast_active, autograd_records, fold_conv_bn, layer_scale_residual, linear,
-                     take_indices)
+                     on_contiguous_view, take_indices)
 from .xca_triton import fused_xca_runs, triton_available, xca_fused
 from ..registry import CheckpointAdapter, WeightsGuess, register_alias, register_checkpoint_adapter, register_model
 
@@ -86,7 +86,8 @@ class ConvPatchEmbed(FastPathModule, nn.Module):
     takes without reordering and which leaves the tokens contiguous, and in inference
     (eval mode, nothing for autograd to record) folds each BatchNorm into its conv and
     runs GELU in place, so no BN or GELU output is materialised beside the maps: a
-    lower memory peak and two passes fewer. The modules as written are the reference.
+    lower memory peak and two passes fewer. GELU runs on the maps' contiguous NHWC view
+    (`on_contiguous_view`). The modules as written are the reference.
     """
 
     def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, act_layer=nn.GELU,
@@ -125,17 +126,18 @@ class ConvPatchEmbed(FastPathModule, nn.Module):
             x = x.to(torch.get_autocast_dtype(x.device.type), memory_format=torch.channels_last)
         else:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.training or autograd_records(x, *self.parameters()):
-            return self.proj(x)
+        infer = not (self.training or autograd_records(x, *self.parameters()))
         for layer in self.proj:
-            if isinstance(layer, nn.Sequential):  # conv -> BN (or Identity once fold_batchnorm ran)
+            if isinstance(layer, nn.Sequential) and infer:  # conv -> BN (or Identity once fold_batchnorm ran)
                 conv, bn = layer
                 weight, bias = fold_conv_bn(conv, bn) if isinstance(bn, nn.BatchNorm2d) else (conv.weight, conv.bias)
                 x = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-            elif type(layer) is nn.GELU and layer.approximate == 'none':
-                x = torch.ops.aten.gelu_(x)
-            else:
+            elif isinstance(layer, nn.Sequential):
                 x = layer(x)
+            elif infer and type(layer) is nn.GELU:
+                on_contiguous_view(partial(torch.ops.aten.gelu_, approximate=layer.approximate), x)  # in place
+            else:
+                x = on_contiguous_view(layer, x)  # the activation
         return x
 
 
@@ -416,7 +418,7 @@ class LPI(nn.Module):
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         B, N, C = x.shape
         x = x.transpose(1, 2).reshape(B, C, H, W)  # (B, C, H, W); a view with channels_last strides
-        x = self.conv2(self.bn(self.act(self.conv1(x))))
+        x = self.conv2(self.bn(on_contiguous_view(self.act, self.conv1(x))))
         return x.reshape(B, C, N).transpose(1, 2)  # (B, N, C)
 
 
