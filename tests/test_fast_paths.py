@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import xcit
 from conftest import perturb_, run_cli
 from xcit.models import fastpath, get_fast_path, layers, set_fast_path
-from xcit.models.xcit import XCA, ConvPatchEmbed, token_major_xca, xca_reference
+from xcit.models.xcit import XCA, ConvPatchEmbed, token_major_xca, xca_reference, xca_through_projection
 
 needs_onednn = pytest.mark.skipif(not layers.onednn_linear_works(), reason='this PyTorch build has no oneDNN linear')
 
@@ -134,7 +134,7 @@ def test_forced_paths_and_the_environment_override(chooser, monkeypatch):
         set_fast_path(xca, 'mkl')
 
 
-@pytest.mark.parametrize('winner', ['token_major', 'channel_major', 'onednn', 'onednn_fused',
+@pytest.mark.parametrize('winner', ['token_major', 'through_projection', 'channel_major', 'onednn', 'onednn_fused',
                                     'channels_last_folded', 'reference'])
 def test_whichever_path_wins_the_model_computes_the_reference(winner, chooser):
     """Outputs and every gradient of the model with `winner` chosen wherever it is a candidate, against the
@@ -329,6 +329,29 @@ def test_xca_fast_path_matches_the_official_formulation(tokens, path):
         assert (xca(x) - xca_reference(xca, x)).abs().max() < 1e-5
         with torch.autocast('cpu', dtype=torch.bfloat16):
             assert torch.isfinite(xca(x * 100)).all()
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('bias', [True, False])
+@pytest.mark.parametrize('tokens', [7, 196])
+def test_xca_through_the_projection_is_the_projected_official_formulation(tokens, bias, dtype):
+    """Each head's value mixing folded into the projection: the official XCA and its projection, in
+    inference only (under autograd it is not a candidate, having no backward)."""
+    torch.manual_seed(0)
+    xca = perturb_(XCA(96, num_heads=4), scale=0.2).to(dtype).eval()
+    if not bias:
+        xca.proj.bias = None
+    x = torch.randn(2, tokens, 96, dtype=dtype)
+    with torch.no_grad():
+        out = xca_through_projection(xca.qkv(x), xca.temperature, 4, xca.proj.weight, xca.proj.bias)
+        # (the official formulation normalises in float32 whatever the dtype: l2_normalize_tokens)
+        assert (out - xca_reference(xca, x)).abs().max() < (1e-5 if dtype == torch.float32 else 1e-6)
+    offered = []
+    xca.pick = lambda key, candidates, x: offered.append(list(candidates)) or 'reference'
+    with torch.no_grad():
+        xca(x)
+    xca(x)
+    assert 'through_projection' in offered[0] and 'through_projection' not in offered[1]
 
 
 @pytest.mark.parametrize('B', [1, 2], ids=['strided-bmm', 'scratch-bmm'])

@@ -187,14 +187,13 @@ def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch: torc
 #
 # Float32 and float64 only: raw q^T k can overflow float16, where the normalising paths run.
 
-@torch.library.custom_op('xcit::xca_token_major', mutates_args=())
-def _xca_token_major(qkv: torch.Tensor, temperature: torch.Tensor, num_heads: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(out (B, N, C); for the backward: norm_q, norm_k (h, B, d), cosine, attn (h, B, d, d))."""
+def _channel_attention(qkv: torch.Tensor, temperature: torch.Tensor, num_heads: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(norm_q, norm_k (h, B, d), cosine, attn (h, B, d, d)) from the fused qkv (B, N, 3C), read in place."""
     B, N, C3 = qkv.shape
     C, h = C3 // 3, num_heads
     d = C // h
-    q, k, v = qkv.split(C, dim=-1)  # each (B, N, C), rows 3C apart
+    q, k, _ = qkv.split(C, dim=-1)  # each (B, N, C), rows 3C apart
     norm_q = q.square().sum(dim=1).sqrt().clamp_min(1e-12).view(B, h, d).transpose(0, 1)  # (h, B, d)
     norm_k = k.square().sum(dim=1).sqrt().clamp_min(1e-12).view(B, h, d).transpose(0, 1)
     gram = qkv.new_empty(h, B, d, d)
@@ -202,6 +201,18 @@ def _xca_token_major(qkv: torch.Tensor, temperature: torch.Tensor, num_heads: in
         torch.bmm(q_j.transpose(1, 2), k_j, out=gram[j])  # (B, d, d)
     cosine = gram / (norm_q.unsqueeze(-1) * norm_k.unsqueeze(-2))
     attn = (cosine * temperature.view(h, 1, 1, 1)).softmax(dim=-1)  # (h, B, d, d)
+    return norm_q, norm_k, cosine, attn
+
+
+@torch.library.custom_op('xcit::xca_token_major', mutates_args=())
+def _xca_token_major(qkv: torch.Tensor, temperature: torch.Tensor, num_heads: int
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out (B, N, C); for the backward: norm_q, norm_k (h, B, d), cosine, attn (h, B, d, d))."""
+    B, N, C3 = qkv.shape
+    C, h = C3 // 3, num_heads
+    d = C // h
+    v = qkv[..., 2 * C:]  # (B, N, C), rows 3C apart
+    norm_q, norm_k, cosine, attn = _channel_attention(qkv, temperature, h)
     out = qkv.new_empty(B, N, C)
     scratch = qkv.new_empty(B, N, d)
     for j, (v_j, out_j) in enumerate(zip(_head_columns(v, h), _head_columns(out, h))):
@@ -277,6 +288,30 @@ def token_major_xca(qkv: torch.Tensor, temperature: torch.Tensor, num_heads: int
     return _xca_token_major(qkv, temperature, num_heads)[0]
 
 
+def xca_through_projection(qkv: torch.Tensor, temperature: torch.Tensor, num_heads: int, proj_weight: torch.Tensor,
+                           proj_bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(token_major_xca(qkv, ...), proj_weight, proj_bias)` for inference (float32 or float64), with
+    each head's value mixing folded into the projection's weights.
+
+    Head j's output v_j attn_j^T (N x d) only ever meets the projection through its d columns W_j, so
+
+        proj(out) = sum_j v_j (attn_j^T W_j^T) + b = v @ M + b,   M = [attn_j^T W_j^T]_j  (B, C, C)
+
+    one batched GEMM with a (C x C) weight per image in place of the per-head value products and the
+    projection: the core's (B, N, C) output is never written, and the value products' B N C d
+    multiply-adds become M's B C^2 d, fewer wherever N > C.
+    """
+    B, N, C3 = qkv.shape
+    C, h = C3 // 3, num_heads
+    attn = _channel_attention(qkv, temperature, h)[3]  # (h, B, d, d)
+    w_t = proj_weight.t().reshape(h, C // h, C)  # (h, d, C): head j's rows of W^T
+    mixed = torch.matmul(attn.permute(1, 0, 3, 2), w_t)  # (B, h, d, C): attn_j^T W_j^T
+    v = qkv[..., 2 * C:]  # (B, N, C), rows 3C apart
+    if proj_bias is None:
+        return torch.bmm(v, mixed.view(B, C, C))
+    return torch.baddbmm(proj_bias, v, mixed.view(B, C, C))  # (B, N, C)
+
+
 class XCA(FastPathModule, nn.Module):
     """Cross-covariance attention: a (d x d) softmax per head, linear in the number of tokens.
 
@@ -285,7 +320,9 @@ class XCA(FastPathModule, nn.Module):
 
     `reference` is the official formulation, token-major. `token_major` (float32) is
     the same maths in `token_major_xca`, on strided views of the fused qkv with its
-    backward written out. `channel_major` moves q, k and v once to (3, B, h, d, N),
+    backward written out. `through_projection` (float32 inference) folds each head's
+    value mixing into the output projection's weights (`xca_through_projection`).
+    `channel_major` moves q, k and v once to (3, B, h, d, N),
     where each head's tokens are contiguous rows; in lower precision it normalises q
     and k first, in float32, so q @ k^T stays in range.
 
@@ -352,6 +389,9 @@ class XCA(FastPathModule, nn.Module):
         forwards = dict(channel_major=self._channel_major, reference=self._reference)
         if x.dtype in (torch.float32, torch.float64) and not autocast_active(x) and not dropout:
             forwards = dict(token_major=self._token_major, **forwards)
+            if not autograd_records(x, *self.parameters()):  # it has no backward
+                forwards = dict(token_major=self._token_major, through_projection=self._through_projection,
+                                channel_major=self._channel_major, reference=self._reference)
         # only asked on CUDA and outside torch.compile (which takes the reference under 'auto'): the question
         # imports Triton, and the CPU path stays as it was
         if (x.device.type == 'cuda' and not dropout and not torch.compiler.is_compiling()
@@ -376,6 +416,10 @@ class XCA(FastPathModule, nn.Module):
     def _token_major(self, x: torch.Tensor) -> torch.Tensor:
         x = token_major_xca(self.qkv(x), self.temperature, self.num_heads)  # (B, N, C)
         return self.proj_drop(self.proj(x))
+
+    def _through_projection(self, x: torch.Tensor) -> torch.Tensor:
+        x = xca_through_projection(self.qkv(x), self.temperature, self.num_heads, self.proj.weight, self.proj.bias)
+        return self.proj_drop(x)  # (B, N, C)
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
         x = xca_fused(self.qkv(x), self.temperature, self.num_heads)  # (B, N, C)
