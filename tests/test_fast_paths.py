@@ -335,8 +335,7 @@ def test_xca_fast_path_matches_the_official_formulation(tokens, path):
 @pytest.mark.parametrize('bias', [True, False])
 @pytest.mark.parametrize('tokens', [7, 196])
 def test_xca_through_the_projection_is_the_projected_official_formulation(tokens, bias, dtype):
-    """Each head's value mixing folded into the projection: the official XCA and its projection, in
-    inference only (under autograd it is not a candidate, having no backward)."""
+    """Each head's value mixing folded into the projection: the official XCA and its projection."""
     torch.manual_seed(0)
     xca = perturb_(XCA(96, num_heads=4), scale=0.2).to(dtype).eval()
     if not bias:
@@ -346,34 +345,34 @@ def test_xca_through_the_projection_is_the_projected_official_formulation(tokens
         out = xca_through_projection(xca.qkv(x), xca.temperature, 4, xca.proj.weight, xca.proj.bias)
         # (the official formulation normalises in float32 whatever the dtype: l2_normalize_tokens)
         assert (out - xca_reference(xca, x)).abs().max() < (1e-5 if dtype == torch.float32 else 1e-6)
-    offered = []
-    xca.pick = lambda key, candidates, x: offered.append(list(candidates)) or 'reference'
-    with torch.no_grad():
-        xca(x)
-    xca(x)
-    assert 'through_projection' in offered[0] and 'through_projection' not in offered[1]
 
 
 @pytest.mark.parametrize('B', [1, 2], ids=['strided-bmm', 'scratch-bmm'])
 def test_token_major_backward_is_the_gradient_of_its_forward(B):
-    """The hand-written backward against finite differences in float64, and against autograd through the
-    official formulation with one query channel all zero (where both clamp its norm, as F.normalize does)."""
+    """The hand-written backwards (token-major, and through the projection) against finite differences in
+    float64, and against autograd through the official formulation with one query channel all zero (where
+    all clamp its norm, as F.normalize does)."""
     torch.manual_seed(0)
     N, C, h = 9, 12, 3
     qkv = torch.randn(B, N, 3 * C, dtype=torch.float64, requires_grad=True)
     temperature = (torch.rand(h, 1, 1, dtype=torch.float64) + 0.5).requires_grad_()
     assert torch.autograd.gradcheck(lambda a, t: token_major_xca(a, t, h), (qkv, temperature))
+    weight, bias = torch.randn(C, C, dtype=torch.float64, requires_grad=True), torch.randn(C, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda a, t, w, b: xca_through_projection(a, t, h, w, b),
+                                    (qkv, temperature, weight, bias.requires_grad_()))
+    assert torch.autograd.gradcheck(lambda a, t, w: xca_through_projection(a, t, h, w, None), (qkv, temperature, weight))
     xca = XCA(C, num_heads=h).double()
     with torch.no_grad():
         xca.temperature.copy_(temperature)
         xca.qkv.weight[4], xca.qkv.bias[4] = 0, 0  # query channel 4 is zero for every token
     x = torch.randn(B, N, C, dtype=torch.float64, requires_grad=True)
     grads = []
-    for path in (xca._token_major, xca._reference):
+    for path in (xca._token_major, xca._through_projection, xca._reference):
         out = path(x)
         grads.append(torch.autograd.grad(out, (x, *xca.parameters()), torch.cos(out)))
-    for fast, ref in zip(*grads):  # the reference normalises in float32 (l2_normalize_tokens)
+    for fast, projected, ref in zip(*grads):  # the reference normalises in float32 (l2_normalize_tokens)
         assert (fast - ref).abs().max() <= 1e-6 * ref.abs().max()
+        assert (projected - ref).abs().max() <= 1e-6 * ref.abs().max()
 
 
 def test_xca_impl_is_checked_and_reaches_every_block():
@@ -616,6 +615,9 @@ def test_the_token_major_ops_pass_torch_library_checks():
     qkv = torch.randn(2, 7, 3 * 8, dtype=torch.float64, requires_grad=True)
     temperature = torch.rand(2, 1, 1, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.xcit.xca_token_major.default, (qkv, temperature, 2))
+    weight, bias = torch.randn(8, 8, dtype=torch.float64, requires_grad=True), torch.randn(8, dtype=torch.float64)
+    for b in (bias.requires_grad_(), None):
+        torch.library.opcheck(torch.ops.xcit.xca_projected.default, (qkv, temperature, 2, weight, b))
 
 
 @pytest.mark.parametrize('graph_winner', ['fast', 'reference'])

@@ -247,6 +247,19 @@ def _xca_token_major_backward(d_out: torch.Tensor, qkv: torch.Tensor, temperatur
     for j, (d_out_j, v_j, d_v_j) in enumerate(zip(_head_columns(d_out, h), _head_columns(v, h), _head_columns(d_v, h))):
         torch.bmm(d_out_j.transpose(1, 2), v_j, out=d_attn[j])  # (B, d, d)
         _bmm_into(d_v_j, d_out_j, attn[j], scratch)  # (B, N, d)
+    d_temperature = _channel_attention_backward(d_attn, qkv, temperature, norm_q, norm_k, cosine, attn, d_qkv, scratch)
+    return d_qkv, d_temperature
+
+
+def _channel_attention_backward(d_attn: torch.Tensor, qkv: torch.Tensor, temperature: torch.Tensor,
+                                norm_q: torch.Tensor, norm_k: torch.Tensor, cosine: torch.Tensor, attn: torch.Tensor,
+                                d_qkv: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """`_channel_attention`'s backward from d_attn (h, B, d, d): writes d_q and d_k into their columns of
+    d_qkv (B, N, 3C) and returns d_temperature. `scratch` is a (B, N, d) buffer."""
+    h, B, d, _ = attn.shape
+    C = h * d
+    q, k, _ = qkv.split(C, dim=-1)
+    d_q, d_k, _ = d_qkv.split(C, dim=-1)
     d_logits = attn * (d_attn - (d_attn * attn).sum(dim=-1, keepdim=True))  # through the softmax
     d_temperature = (d_logits * cosine).sum(dim=(1, 2, 3)).view_as(temperature)
     d_cosine = d_logits * temperature.view(h, 1, 1, 1)
@@ -261,7 +274,7 @@ def _xca_token_major_backward(d_out: torch.Tensor, qkv: torch.Tensor, temperatur
         _bmm_into(d_k_j, q_j, d_gram[j], scratch)
     d_q.addcmul_(q, coef_q.transpose(0, 1).reshape(B, 1, C))
     d_k.addcmul_(k, coef_k.transpose(0, 1).reshape(B, 1, C))
-    return d_qkv, d_temperature
+    return d_temperature
 
 
 @_xca_token_major_backward.register_fake
@@ -288,28 +301,93 @@ def token_major_xca(qkv: torch.Tensor, temperature: torch.Tensor, num_heads: int
     return _xca_token_major(qkv, temperature, num_heads)[0]
 
 
-def xca_through_projection(qkv: torch.Tensor, temperature: torch.Tensor, num_heads: int, proj_weight: torch.Tensor,
-                           proj_bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear(token_major_xca(qkv, ...), proj_weight, proj_bias)` for inference (float32 or float64), with
-    each head's value mixing folded into the projection's weights.
+# XCA's core and its output projection in one op, for the `through_projection` path. Head j's output
+# v_j attn_j^T (N x d) meets the projection only through its d columns W_j, so
+#
+#     proj(out) = sum_j v_j (attn_j^T W_j^T) + b = v @ M + b,   M = [attn_j^T W_j^T]_j  (B, C, C)
+#
+# one batched GEMM with a (C x C) weight per image in place of the per-head value products and the
+# projection: the core's (B, N, C) output is never written (nor kept for the weight gradient), and the
+# B N C d multiply-adds of the value products become M's B C^2 d, fewer wherever N > C; the backward
+# drops two such products per head. Float32 and float64 only, as the token-major op.
 
-    Head j's output v_j attn_j^T (N x d) only ever meets the projection through its d columns W_j, so
-
-        proj(out) = sum_j v_j (attn_j^T W_j^T) + b = v @ M + b,   M = [attn_j^T W_j^T]_j  (B, C, C)
-
-    one batched GEMM with a (C x C) weight per image in place of the per-head value products and the
-    projection: the core's (B, N, C) output is never written, and the value products' B N C d
-    multiply-adds become M's B C^2 d, fewer wherever N > C.
-    """
+@torch.library.custom_op('xcit::xca_projected', mutates_args=())
+def _xca_projected(qkv: torch.Tensor, temperature: torch.Tensor, num_heads: int, weight: torch.Tensor,
+                   bias: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(projected out (B, N, C); for the backward: norm_q, norm_k (h, B, d), cosine, attn (h, B, d, d), M)."""
     B, N, C3 = qkv.shape
     C, h = C3 // 3, num_heads
-    attn = _channel_attention(qkv, temperature, h)[3]  # (h, B, d, d)
-    w_t = proj_weight.t().reshape(h, C // h, C)  # (h, d, C): head j's rows of W^T
-    mixed = torch.matmul(attn.permute(1, 0, 3, 2), w_t)  # (B, h, d, C): attn_j^T W_j^T
+    norm_q, norm_k, cosine, attn = _channel_attention(qkv, temperature, h)
+    w_t = weight.t().reshape(h, C // h, C)  # (h, d, C): head j's rows of W^T
+    mixed = torch.matmul(attn.permute(1, 0, 3, 2), w_t).view(B, C, C)  # (B, C, C): [attn_j^T W_j^T]_j
     v = qkv[..., 2 * C:]  # (B, N, C), rows 3C apart
-    if proj_bias is None:
-        return torch.bmm(v, mixed.view(B, C, C))
-    return torch.baddbmm(proj_bias, v, mixed.view(B, C, C))  # (B, N, C)
+    out = torch.bmm(v, mixed) if bias is None else torch.baddbmm(bias, v, mixed)  # (B, N, C)
+    return out, norm_q.contiguous(), norm_k.contiguous(), cosine, attn, mixed
+
+
+@_xca_projected.register_fake
+def _(qkv, temperature, num_heads, weight, bias):
+    B, N, C3 = qkv.shape
+    C, h = C3 // 3, num_heads
+    d = C // h
+    return (qkv.new_empty(B, N, C), qkv.new_empty(h, B, d), qkv.new_empty(h, B, d), qkv.new_empty(h, B, d, d),
+            qkv.new_empty(h, B, d, d), qkv.new_empty(B, C, C))
+
+
+@torch.library.custom_op('xcit::xca_projected_backward', mutates_args=())
+def _xca_projected_backward(d_out: torch.Tensor, qkv: torch.Tensor, temperature: torch.Tensor, weight: torch.Tensor,
+                            norm_q: torch.Tensor, norm_k: torch.Tensor, cosine: torch.Tensor, attn: torch.Tensor,
+                            mixed: torch.Tensor, num_heads: int
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d_qkv, d_temperature, d_weight, d_bias) from the gradient of `_xca_projected`'s out."""
+    B, N, C3 = qkv.shape
+    C, h = C3 // 3, num_heads
+    d = C // h
+    if d_out.stride(-1) != 1:
+        d_out = d_out.contiguous()
+    v = qkv[..., 2 * C:]
+    d_qkv = qkv.new_empty(B, N, C3)
+    d_v = d_qkv[..., 2 * C:]
+    scratch = qkv.new_empty(B, N, C)
+    _bmm_into(d_v, d_out, mixed.transpose(1, 2), scratch)  # (B, N, C)
+    d_mixed = torch.bmm(v.transpose(1, 2), d_out).view(B, h, d, C)  # (B, h, d, C)
+    w_heads = weight.view(C, h, d).transpose(0, 1)  # (h, C, d): head j's columns W_j
+    d_attn = torch.matmul(d_mixed, w_heads).permute(1, 0, 3, 2)  # (h, B, d, d): (dM_j W_j)^T
+    # d W_j^T = sum_b attn_j[b] dM_j[b]: one GEMM per head over the images and the head's rows
+    d_weight_t = torch.bmm(attn.permute(0, 2, 1, 3).reshape(h, d, B * d),
+                           d_mixed.permute(1, 0, 2, 3).reshape(h, B * d, C))  # (h, d, C)
+    d_temperature = _channel_attention_backward(d_attn, qkv, temperature, norm_q, norm_k, cosine, attn, d_qkv,
+                                                qkv.new_empty(B, N, d))
+    return d_qkv, d_temperature, d_weight_t.reshape(C, C).t(), d_out.sum(dim=(0, 1))
+
+
+@_xca_projected_backward.register_fake
+def _(d_out, qkv, temperature, weight, norm_q, norm_k, cosine, attn, mixed, num_heads):
+    C = weight.shape[0]
+    return qkv.new_empty(qkv.shape), temperature.new_empty(temperature.shape), weight.new_empty(C, C), weight.new_empty(C)
+
+
+def _xca_projected_setup_context(ctx, inputs, output):
+    qkv, temperature, num_heads, weight, bias = inputs
+    ctx.save_for_backward(qkv, temperature, weight, *output[1:])
+    ctx.num_heads = num_heads
+    ctx.has_bias = bias is not None
+
+
+def _xca_projected_grad(ctx, d_out, *_unused_grads_of_the_kept_maps):
+    d_qkv, d_temperature, d_weight, d_bias = _xca_projected_backward(d_out, *ctx.saved_tensors, ctx.num_heads)
+    return d_qkv, d_temperature, None, d_weight, d_bias if ctx.has_bias else None
+
+
+_xca_projected.register_autograd(_xca_projected_grad, setup_context=_xca_projected_setup_context)
+
+
+def xca_through_projection(qkv: torch.Tensor, temperature: torch.Tensor, num_heads: int, proj_weight: torch.Tensor,
+                           proj_bias: torch.Tensor | None) -> torch.Tensor:
+    """`F.linear(token_major_xca(qkv, ...), proj_weight, proj_bias)` (B, N, C), float32 or float64, with each
+    head's value mixing folded into the projection's weights (the ops above)."""
+    return _xca_projected(qkv, temperature, num_heads, proj_weight, proj_bias)[0]
 
 
 class XCA(FastPathModule, nn.Module):
@@ -320,8 +398,8 @@ class XCA(FastPathModule, nn.Module):
 
     `reference` is the official formulation, token-major. `token_major` (float32) is
     the same maths in `token_major_xca`, on strided views of the fused qkv with its
-    backward written out. `through_projection` (float32 inference) folds each head's
-    value mixing into the output projection's weights (`xca_through_projection`).
+    backward written out. `through_projection` (float32) folds each head's value
+    mixing into the output projection's weights (`xca_through_projection`).
     `channel_major` moves q, k and v once to (3, B, h, d, N),
     where each head's tokens are contiguous rows; in lower precision it normalises q
     and k first, in float32, so q @ k^T stays in range.
@@ -388,10 +466,7 @@ class XCA(FastPathModule, nn.Module):
         train = autograd_records(x, self.qkv.weight)
         forwards = dict(channel_major=self._channel_major, reference=self._reference)
         if x.dtype in (torch.float32, torch.float64) and not autocast_active(x) and not dropout:
-            forwards = dict(token_major=self._token_major, **forwards)
-            if not autograd_records(x, *self.parameters()):  # it has no backward
-                forwards = dict(token_major=self._token_major, through_projection=self._through_projection,
-                                channel_major=self._channel_major, reference=self._reference)
+            forwards = dict(token_major=self._token_major, through_projection=self._through_projection, **forwards)
         # only asked on CUDA and outside torch.compile (which takes the reference under 'auto'): the question
         # imports Triton, and the CPU path stays as it was
         if (x.device.type == 'cuda' and not dropout and not torch.compiler.is_compiling()
