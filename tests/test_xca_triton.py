@@ -203,7 +203,7 @@ def test_auto_never_offers_the_fused_kernels_a_cpu_tensor(monkeypatch):
     monkeypatch.setattr(fastpath.CHOOSER, 'choose', lambda key, runs: timed.append(runs) or 'reference')
     monkeypatch.setattr(fastpath.CHOOSER, 'known', lambda key: False)
     xca(x)
-    assert list(timed[0]) == ['token_major', 'channel_major', 'reference']
+    assert 'triton' not in timed[0] and 'reference' in timed[0]
 
 
 @pytest.mark.skipif(INTERPRETER or not torch.cuda.is_available(), reason='needs CUDA, outside the interpreter')
