@@ -618,6 +618,15 @@ def test_the_token_major_ops_pass_torch_library_checks():
     weight, bias = torch.randn(8, 8, dtype=torch.float64, requires_grad=True), torch.randn(8, dtype=torch.float64)
     for b in (bias.requires_grad_(), None):
         torch.library.opcheck(torch.ops.xcit.xca_projected.default, (qkv, temperature, 2, weight, b))
+    # the backward ops too: compiled training steps trace them with their fake kernels, whose strides must be
+    # those the ops return
+    d_out = torch.randn(2, 7, 8, dtype=torch.float64)
+    with torch.no_grad():
+        kept = torch.ops.xcit.xca_token_major(qkv, temperature, 2)[1:]
+        torch.library.opcheck(torch.ops.xcit.xca_token_major_backward.default, (d_out, qkv, temperature, *kept, 2))
+        kept = torch.ops.xcit.xca_projected(qkv, temperature, 2, weight, bias)[1:]
+        torch.library.opcheck(torch.ops.xcit.xca_projected_backward.default,
+                              (d_out, qkv, temperature, weight, *kept, 2))
 
 
 @pytest.mark.parametrize('graph_winner', ['fast', 'reference'])

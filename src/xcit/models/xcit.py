@@ -359,7 +359,7 @@ def _xca_projected_backward(d_out: torch.Tensor, qkv: torch.Tensor, temperature:
                            d_mixed.permute(1, 0, 2, 3).reshape(h, B * d, C))  # (h, d, C)
     d_temperature = _channel_attention_backward(d_attn, qkv, temperature, norm_q, norm_k, cosine, attn, d_qkv,
                                                 qkv.new_empty(B, N, d))
-    return d_qkv, d_temperature, d_weight_t.reshape(C, C).t(), d_out.sum(dim=(0, 1))
+    return d_qkv, d_temperature, d_weight_t.reshape(C, C).t().contiguous(), d_out.sum(dim=(0, 1))  # as the fake
 
 
 @_xca_projected_backward.register_fake
