@@ -527,11 +527,19 @@ def test_stem_folds_batchnorm_only_in_inference_on_its_fast_path():
     set_fast_path(model, 'reference')
     with torch.no_grad():
         assert torch.allclose(stem(x)[0], modules, atol=1e-6)
-    assert len(bn_calls) == 4
+    assert len(bn_calls) == 2 * 4  # the modules, once for each half of the batch
     set_fast_path(model, 'fast')
     xcit.models.fold_batchnorm(model)  # folded for good: the fast path runs the plain convs
     with torch.no_grad():
         assert (stem(x)[0] - modules).abs().max() < 1e-5
+
+
+def allocations_of(fn) -> list[int]:
+    """The sizes in bytes of the CPU allocations made while `fn()` runs (one may be listed by each of the nested
+    ops that made it)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0]
 
 
 def test_under_autocast_the_stem_copies_the_image_once_in_the_lower_precision():
@@ -540,16 +548,47 @@ def test_under_autocast_the_stem_copies_the_image_once_in_the_lower_precision():
     torch.manual_seed(0)
     stem = set_fast_path(perturb_(xcit.create_model('xcit_nano_12_p16_224')).eval(), 'fast').patch_embed
     x = torch.randn(2, 3, 64, 64)
-    image_bytes = x.numel() * x.element_size()
+    half_bytes = x.numel() * x.element_size() // 2  # inference takes the batch in halves
     with torch.inference_mode(), torch.autocast('cpu', dtype=torch.bfloat16):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            fast, _ = stem(x)
+        allocations = allocations_of(lambda: stem(x))
+        fast, _ = stem(x)
         set_fast_path(stem, 'reference')
         reference, _ = stem(x)
-    allocations = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
-    assert image_bytes // 2 in allocations  # the one bfloat16 copy
-    assert image_bytes not in allocations  # no float32 copy
+    assert half_bytes // 2 in allocations  # each half's one bfloat16 copy
+    assert half_bytes not in allocations  # no float32 copy
     assert fast.dtype == torch.bfloat16 and (fast.float() - reference.float()).norm() / reference.float().norm() < 1e-2
+
+
+def test_in_inference_the_stem_never_holds_a_whole_batch_map():
+    """The first maps of the stem are the largest tensors of a p16 model: in inference, on either path, it makes
+    each from half the batch, and gives the tokens of the modules run on the whole batch."""
+    torch.manual_seed(0)
+    stem = perturb_(xcit.create_model('xcit_nano_12_p16_224')).eval().patch_embed
+    x = torch.randn(4, 3, 128, 128)  # large enough that the maps outweigh the folded weights
+    first_map_bytes = 4 * stem.proj[0][0].out_channels * 64 * 64 * x.element_size()  # (4, 16, 64, 64)
+    with torch.no_grad():
+        assert max(allocations_of(lambda: stem.proj(x))) >= first_map_bytes  # the measure sees a whole-batch map
+        modules = stem.proj(x).flatten(2).transpose(1, 2)
+        for path in ('reference', 'fast'):
+            set_fast_path(stem, path)
+            assert max(allocations_of(lambda: stem(x))) <= first_map_bytes // 2, path
+            tokens, grid = stem(x)
+            assert grid == (8, 8) and (tokens - modules).abs().max() < 1e-5, path
+
+
+def test_in_inference_the_mlp_holds_one_hidden_map():
+    """Exact GELU runs in place on fc1's output where nothing is kept for a backward pass: one (M, hidden)
+    buffer, where the layers as written make a second for GELU's result."""
+    torch.manual_seed(0)
+    mlp = layers.Mlp(16, 64, impl='reference')
+    x = torch.randn(2, 50, 16)
+    hidden_bytes = 2 * 50 * 64 * x.element_size()
+
+    def hidden_buffers(fn) -> int:
+        return sum(size == hidden_bytes for size in allocations_of(fn))
+    with torch.no_grad():
+        assert 0 < hidden_buffers(lambda: mlp(x)) < hidden_buffers(lambda: mlp.fc2(F.gelu(mlp.fc1(x))))
+        assert torch.allclose(mlp(x), mlp.fc2(F.gelu(mlp.fc1(x))), atol=1e-6)
 
 
 def test_timing_a_new_shape_between_a_forward_and_its_backward_leaves_that_backward_intact():

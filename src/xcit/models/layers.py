@@ -134,6 +134,8 @@ def _onednn_mode(x: torch.Tensor, *weights: torch.Tensor) -> str | None:
 
 def _linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gelu: bool) -> torch.Tensor:
     y = F.linear(x, weight, bias)
+    if gelu and not autograd_records(y):
+        return torch.ops.aten.gelu_(y)  # in place: with nothing to keep for a backward pass, one hidden map, not two
     return F.gelu(y) if gelu else y
 
 

@@ -88,6 +88,11 @@ class ConvPatchEmbed(FastPathModule, nn.Module):
     runs GELU in place, so no BN or GELU output is materialised beside the maps: a
     lower memory peak and two passes fewer. GELU runs on the maps' contiguous NHWC view
     (`on_contiguous_view`). The modules as written are the reference.
+
+    Inference takes the batch in two halves, on either path: per image, the image's
+    reordered copy and the first two maps of a p16 model outweigh a block's MLP
+    activations about twice, so whole they set the model's peak and in halves they do
+    not, for about a millisecond (BENCHMARKS.md).
     """
 
     def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768, act_layer=nn.GELU,
@@ -107,16 +112,25 @@ class ConvPatchEmbed(FastPathModule, nn.Module):
         self._init_fast_path(impl)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        if (x.shape[0] > 1 and not (self.training or autograd_records(x, *self.parameters()))
+                and not torch.compiler.is_exporting()):  # exported graphs keep the batch size free
+            # each half is reordered on its own: no whole-batch copy of the image or of a map is ever made
+            x = torch.cat([self._maps(half) for half in x.tensor_split(2)])
+        else:
+            x = self._maps(x)  # (B, D, Hp, Wp)
+        Hp, Wp = x.shape[-2:]
+        # contiguous tokens: otherwise every residual add keeps the conv's layout and every LayerNorm copies
+        return x.flatten(2).transpose(1, 2).contiguous(), (Hp, Wp)  # (B, N, D)
+
+    def _maps(self, x: torch.Tensor) -> torch.Tensor:
+        """The last map (B, D, Hp, Wp), on the path chosen for x's shape."""
         params = list(self.parameters())
         grad = autograd_records(x, *params)
         key = f'xcit stem {mode_tag(self.training, grad)} {x.device.type} {dtype_tag(x)} {tuple(x.shape)}'
         path = self.pick(key, dict(channels_last_folded=lambda: candidate_step(self._fast, (x,), grad, params),
                                    reference=lambda: candidate_step(self.proj, (x,), grad, params)), x)
         # passed straight in, so that no name here keeps the reordered copy of the image alive
-        x = self.proj(x) if path == 'reference' else self._fast(x)  # (B, D, Hp, Wp)
-        Hp, Wp = x.shape[-2:]
-        # contiguous tokens: otherwise every residual add keeps the conv's layout and every LayerNorm copies
-        return x.flatten(2).transpose(1, 2).contiguous(), (Hp, Wp)  # (B, N, D)
+        return self.proj(x) if path == 'reference' else self._fast(x)
 
     def _fast(self, x: torch.Tensor) -> torch.Tensor:
         """`self.proj(x)` in channels-last; in inference with BatchNorm folded into each conv and GELU in place."""
