@@ -112,8 +112,7 @@ class ConvPatchEmbed(FastPathModule, nn.Module):
         self._init_fast_path(impl)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        if (x.shape[0] > 1 and not (self.training or autograd_records(x, *self.parameters()))
-                and not torch.compiler.is_exporting()):  # exported graphs keep the batch size free
+        if x.shape[0] > 1 and self._inference(x) and not torch.compiler.is_exporting():  # exports keep B free
             # each half is reordered on its own: no whole-batch copy of the image or of a map is ever made
             x = torch.cat([self._maps(half) for half in x.tensor_split(2)])
         else:
@@ -121,6 +120,10 @@ class ConvPatchEmbed(FastPathModule, nn.Module):
         Hp, Wp = x.shape[-2:]
         # contiguous tokens: otherwise every residual add keeps the conv's layout and every LayerNorm copies
         return x.flatten(2).transpose(1, 2).contiguous(), (Hp, Wp)  # (B, N, D)
+
+    def _inference(self, x: torch.Tensor) -> bool:
+        """Eval mode with nothing for autograd to record: what the memory-saving steps need."""
+        return not (self.training or autograd_records(x, *self.parameters()))
 
     def _maps(self, x: torch.Tensor) -> torch.Tensor:
         """The last map (B, D, Hp, Wp), on the path chosen for x's shape."""
@@ -140,7 +143,7 @@ class ConvPatchEmbed(FastPathModule, nn.Module):
             x = x.to(torch.get_autocast_dtype(x.device.type), memory_format=torch.channels_last)
         else:
             x = x.contiguous(memory_format=torch.channels_last)
-        infer = not (self.training or autograd_records(x, *self.parameters()))
+        infer = self._inference(x)
         for layer in self.proj:
             if isinstance(layer, nn.Sequential) and infer:  # conv -> BN (or Identity once fold_batchnorm ran)
                 conv, bn = layer
