@@ -135,7 +135,7 @@ def test_forced_paths_and_the_environment_override(chooser, monkeypatch):
 
 
 @pytest.mark.parametrize('winner', ['token_major', 'through_projection', 'channel_major', 'onednn', 'onednn_fused',
-                                    'channels_last_folded', 'reference'])
+                                    'channels_last_folded', 'folded', 'reference'])
 def test_whichever_path_wins_the_model_computes_the_reference(winner, chooser):
     """Outputs and every gradient of the model with `winner` chosen wherever it is a candidate, against the
     same weights on impl='reference', within 1e-5 in float32."""

@@ -70,17 +70,35 @@ def test_l2_norm_survives_float16_overflow():
     assert torch.equal(l2_normalize_tokens(tiny), tiny)  # eps clamps the norm: zeros stay zeros, not NaN
 
 
-def test_class_attention_equals_the_fused_qkv_formulation():
-    """The query of the class token alone, from the same fused weights, gives the official result."""
+@pytest.mark.parametrize('qkv_bias', [True, False])
+@pytest.mark.parametrize('impl', ['fast', 'reference'], ids=['folded', 'reference'])
+def test_class_attention_equals_the_fused_qkv_formulation(impl, qkv_bias):
+    """The class token's query against every token's keys and values from the fused weights, as released: the
+    same output and gradients whether the keys and values are computed (reference) or folded into the query
+    and the weighted mean of the tokens (the fast path)."""
     torch.manual_seed(0)
     dim, heads, B, N = 32, 4, 2, 9
-    ca = perturb_(ClassAttention(dim, num_heads=heads), scale=0.3).eval()
-    x = torch.randn(B, N, dim)
-    qkv = ca.qkv(x).reshape(B, N, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    attn = ((q[:, :, :1] * k).sum(-1) * (dim // heads) ** -0.5).softmax(-1)  # (B, h, N)
-    cls = (attn.unsqueeze(2) @ v).transpose(1, 2).reshape(B, 1, dim)
-    assert torch.allclose(ca(x), ca.proj(cls), atol=1e-5)
+    ca = perturb_(ClassAttention(dim, num_heads=heads, qkv_bias=qkv_bias, impl=impl), scale=0.3).train()
+    x = torch.randn(B, N, dim, requires_grad=True)
+
+    def official():
+        qkv = F.linear(x, ca.qkv.weight, ca.qkv.bias).reshape(B, N, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = ((q[:, :, :1] * k).sum(-1) * (dim // heads) ** -0.5).softmax(-1)  # (B, h, N)
+        cls = (attn.unsqueeze(2) @ v).transpose(1, 2).reshape(B, 1, dim)
+        return ca.proj(cls)
+
+    outputs, grads = [], []
+    for forward in (ca, lambda _: official()):
+        ca.zero_grad()
+        x.grad = None
+        out = forward(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outputs.append(out.detach())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in ca.parameters()])
+    assert (outputs[0] - outputs[1]).abs().max() < 1e-5
+    for got, expected in zip(*grads):
+        assert (got - expected).abs().max() < 1e-5 * max(1.0, expected.abs().max().item())
 
 
 @pytest.mark.parametrize('tokens_norm', [False, True])

@@ -1,9 +1,9 @@
 """Which implementation a layer runs: its readable reference maths, or a fast path, chosen by timing both here.
 
 A fast path (oneDNN GEMMs with fused bias and GELU, channel-major cross-covariance
-attention, a folded stem) pays on some CPUs and costs on others: oneDNN's float32
-GEMM is twice MKL's rate on an AMD EPYC and slower than it in the backward pass on
-an Intel Xeon. So nothing here is tuned by a constant. Each module with a fast path
+attention, a folded stem, class attention without keys or values) pays on some CPUs
+and costs on others: oneDNN's float32 GEMM is twice MKL's rate on an AMD EPYC and
+slower than it in the backward pass on an Intel Xeon. So nothing here is tuned by a constant. Each module with a fast path
 has `impl`, shown by print(model):
 
 - 'auto' (the default): on first use for a given operation, shape and mode, both

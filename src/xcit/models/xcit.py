@@ -594,15 +594,21 @@ class XCABlock(nn.Module):
         return x
 
 
-class ClassAttention(nn.Module):
+class ClassAttention(FastPathModule, nn.Module):
     """Softmax attention of the class token over all tokens (CaiT), returning the new class token.
 
     Only the class token's query is used, so the query rows of the fused (official)
     `qkv` weight are applied to that token alone rather than to all N + 1.
+
+    `folded` (the fast path) computes no keys or values at all. A head's logits are
+    q . (W_k x + b_k) = (W_k^T q) . x + q . b_k, whose last term is the same for every
+    token and leaves the softmax as it is; its output, sum_n a_n (W_v x_n + b_v), is
+    W_v (sum_n a_n x_n) + b_v, as the weights sum to one. Both take O(N C) per head
+    instead of the O(N C^2) of the keys and values of every token.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0):
+                 proj_drop: float = 0.0, impl: str | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
@@ -610,6 +616,7 @@ class ClassAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self._init_fast_path(impl)
 
     def attention_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The class token's (B, h, 1, 1+N) attention over all tokens and the values (B, h, 1+N, d)."""
@@ -625,10 +632,37 @@ class ClassAttention(nn.Module):
         return attn.softmax(dim=-1), v
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        train = autograd_records(x, self.qkv.weight)
+        key = f'class attention {mode_tag(self.training, train)} {x.device.type} {dtype_tag(x)} B{B} N{N} C{C} ' \
+              f'h{self.num_heads}'
+        forwards = dict(folded=self._folded, reference=self._reference)
+
+        def timed(f):  # built only when the key must be timed
+            return lambda: candidate_step(f, (x,), train, list(self.parameters()))
+        path = self.pick(key, {name: timed(f) for name, f in forwards.items()}, x)
+        return forwards[path](x)
+
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
         B, _, C = x.shape
         attn, v = self.attention_map(x)
         cls = (self.attn_drop(attn) @ v).transpose(1, 2).reshape(B, 1, C)  # (B, 1, C)
         return self.proj_drop(self.proj(cls))
+
+    def _folded(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        h = self.num_heads
+        d = C // h
+        w_q, w_k, w_v = self.qkv.weight.split(C)  # each (C, C); row block j is head j's
+        b_q, _, b_v = self.qkv.bias.split(C) if self.qkv.bias is not None else (None, None, None)
+        q = linear(x[:, 0], w_q, b_q, impl=self.qkv.impl) * self.scale  # (B, C)
+        # W_k,j^T q_j: the query taken back through the key weights, one (B, d) @ (d, C) per head
+        query = torch.bmm(q.view(B, h, d).transpose(0, 1), w_k.view(h, d, C)).transpose(0, 1)  # (B, h, C)
+        attn = torch.bmm(query, x.transpose(1, 2)).softmax(dim=-1)  # (B, h, N)
+        mean = torch.bmm(self.attn_drop(attn), x)  # (B, h, C): each head's weighted mean of the tokens
+        cls = torch.bmm(mean.transpose(0, 1), w_v.view(h, d, C).transpose(1, 2))  # (h, B, d): W_v,j mean_j
+        cls = cls.transpose(0, 1).reshape(B, 1, C)  # (B, 1, C)
+        return self.proj_drop(self.proj(cls if b_v is None else cls + b_v))
 
 
 class ClassAttentionBlock(nn.Module):
