@@ -134,8 +134,8 @@ def test_forced_paths_and_the_environment_override(chooser, monkeypatch):
         set_fast_path(xca, 'mkl')
 
 
-@pytest.mark.parametrize('winner', ['token_major', 'through_projection', 'channel_major', 'onednn', 'onednn_fused',
-                                    'channels_last_folded', 'folded', 'reference'])
+@pytest.mark.parametrize('winner', ['token_major', 'through_projection', 'values_folded', 'channel_major', 'onednn',
+                                    'onednn_fused', 'channels_last_folded', 'folded', 'reference'])
 def test_whichever_path_wins_the_model_computes_the_reference(winner, chooser):
     """Outputs and every gradient of the model with `winner` chosen wherever it is a candidate, against the
     same weights on impl='reference', within 1e-5 in float32."""
@@ -345,6 +345,32 @@ def test_xca_through_the_projection_is_the_projected_official_formulation(tokens
         out = xca_through_projection(xca.qkv(x), xca.temperature, 4, xca.proj.weight, xca.proj.bias)
         # (the official formulation normalises in float32 whatever the dtype: l2_normalize_tokens)
         assert (out - xca_reference(xca, x)).abs().max() < (1e-5 if dtype == torch.float32 else 1e-6)
+
+
+@pytest.mark.parametrize('bias', ['both', 'qkv', 'proj', 'none'])
+@pytest.mark.parametrize('tokens', [7, 196])
+def test_xca_with_the_values_folded_is_the_projected_official_formulation(tokens, bias):
+    """The value projection folded into each image's (C x C) weight and bias as well (the values are never
+    computed): the official XCA and its projection, with or without either bias."""
+    torch.manual_seed(0)
+    xca = perturb_(XCA(96, num_heads=4, qkv_bias=bias in ('both', 'qkv')), scale=0.2).eval()
+    if bias in ('qkv', 'none'):
+        xca.proj.bias = None
+    x = torch.randn(3, tokens, 96)
+    with torch.no_grad():
+        assert (xca._values_folded(x) - xca_reference(xca, x)).abs().max() < 1e-5
+
+
+def test_the_values_are_folded_only_where_nothing_is_recorded_for_a_backward_pass(chooser):
+    torch.manual_seed(0)
+    xca = perturb_(XCA(32, num_heads=2), scale=0.2)
+    x = torch.randn(2, 9, 32, requires_grad=True)
+    xca(x).sum().backward()
+    with torch.no_grad():
+        xca.eval()(x)
+    paths = {key.split()[1]: decision['times_ms'] for key, decision in chooser.decisions().items()
+             if key.startswith('xca')}
+    assert 'values_folded' not in paths['train'] and 'values_folded' in paths['infer']
 
 
 @pytest.mark.parametrize('B', [1, 2], ids=['strided-bmm', 'scratch-bmm'])
@@ -666,6 +692,10 @@ def test_the_token_major_ops_pass_torch_library_checks():
         kept = torch.ops.xcit.xca_projected(qkv, temperature, 2, weight, bias)[1:]
         torch.library.opcheck(torch.ops.xcit.xca_projected_backward.default,
                               (d_out, qkv, temperature, weight, *kept, 2))
+        x = torch.randn(2, 7, 8, dtype=torch.float64)
+        for b in (bias, None):  # inference only: no gradient to check
+            torch.library.opcheck(torch.ops.xcit.xca_values_folded.default,
+                                  (x, qkv[..., :16], temperature, 2, weight, b, weight.t(), b))
 
 
 @pytest.mark.parametrize('graph_winner', ['fast', 'reference'])

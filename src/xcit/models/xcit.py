@@ -204,16 +204,16 @@ def _bmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch: torc
 #
 # Float32 and float64 only: raw q^T k can overflow float16, where the normalising paths run.
 
-def _channel_attention(qkv: torch.Tensor, temperature: torch.Tensor, num_heads: int
+def _channel_attention(q: torch.Tensor, k: torch.Tensor, temperature: torch.Tensor, num_heads: int
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(norm_q, norm_k (h, B, d), cosine, attn (h, B, d, d)) from the fused qkv (B, N, 3C), read in place."""
-    B, N, C3 = qkv.shape
-    C, h = C3 // 3, num_heads
+    """(norm_q, norm_k (h, B, d), cosine, attn (h, B, d, d)) from q and k (B, N, C), column blocks of the
+    fused qkv read in place."""
+    B, N, C = q.shape
+    h = num_heads
     d = C // h
-    q, k, _ = qkv.split(C, dim=-1)  # each (B, N, C), rows 3C apart
     norm_q = q.square().sum(dim=1).sqrt().clamp_min(1e-12).view(B, h, d).transpose(0, 1)  # (h, B, d)
     norm_k = k.square().sum(dim=1).sqrt().clamp_min(1e-12).view(B, h, d).transpose(0, 1)
-    gram = qkv.new_empty(h, B, d, d)
+    gram = q.new_empty(h, B, d, d)
     for j, (q_j, k_j) in enumerate(zip(_head_columns(q, h), _head_columns(k, h))):
         torch.bmm(q_j.transpose(1, 2), k_j, out=gram[j])  # (B, d, d)
     cosine = gram / (norm_q.unsqueeze(-1) * norm_k.unsqueeze(-2))
@@ -229,7 +229,7 @@ def _xca_token_major(qkv: torch.Tensor, temperature: torch.Tensor, num_heads: in
     C, h = C3 // 3, num_heads
     d = C // h
     v = qkv[..., 2 * C:]  # (B, N, C), rows 3C apart
-    norm_q, norm_k, cosine, attn = _channel_attention(qkv, temperature, h)
+    norm_q, norm_k, cosine, attn = _channel_attention(*qkv.split(C, dim=-1)[:2], temperature, h)
     out = qkv.new_empty(B, N, C)
     scratch = qkv.new_empty(B, N, d)
     for j, (v_j, out_j) in enumerate(zip(_head_columns(v, h), _head_columns(out, h))):
@@ -335,7 +335,7 @@ def _xca_projected(qkv: torch.Tensor, temperature: torch.Tensor, num_heads: int,
     """(projected out (B, N, C); for the backward: norm_q, norm_k (h, B, d), cosine, attn (h, B, d, d), M)."""
     B, N, C3 = qkv.shape
     C, h = C3 // 3, num_heads
-    norm_q, norm_k, cosine, attn = _channel_attention(qkv, temperature, h)
+    norm_q, norm_k, cosine, attn = _channel_attention(*qkv.split(C, dim=-1)[:2], temperature, h)
     w_t = weight.t().reshape(h, C // h, C)  # (h, d, C): head j's rows of W^T
     mixed = torch.matmul(attn.permute(1, 0, 3, 2), w_t).view(B, C, C)  # (B, C, C): [attn_j^T W_j^T]_j
     v = qkv[..., 2 * C:]  # (B, N, C), rows 3C apart
@@ -407,6 +407,38 @@ def xca_through_projection(qkv: torch.Tensor, temperature: torch.Tensor, num_hea
     return _xca_projected(qkv, temperature, num_heads, proj_weight, proj_bias)[0]
 
 
+# In inference the value projection folds in as well: with v = x W_v^T + b_v, XCA and its projection are
+#
+#     y = x [sum_j W_v,j^T A_j^T W_p,j^T] + [b_p + W_p (A_j b_v,j)_j],
+#
+# one (C x C) weight and a bias per image, built in O(B C^3), so the value third of the qkv GEMM
+# (O(B N C^2)) is never computed. It pays where there are more tokens than channels (nano, tiny p8)
+# and costs where there are not (small p16): the timing decides. No backward: inference only.
+
+@torch.library.custom_op('xcit::xca_values_folded', mutates_args=())
+def _xca_values_folded(x: torch.Tensor, qk: torch.Tensor, temperature: torch.Tensor, num_heads: int,
+                       value_weight: torch.Tensor, value_bias: torch.Tensor | None, proj_weight: torch.Tensor,
+                       proj_bias: torch.Tensor | None) -> torch.Tensor:
+    """XCA's projected output (B, N, C) from its input x (B, N, C) and x's queries and keys qk (B, N, 2C)."""
+    B, N, C = x.shape
+    h = num_heads
+    d = C // h
+    _, _, _, attn = _channel_attention(*qk.split(C, dim=-1), temperature, h)  # (h, B, d, d)
+    rows = attn.permute(0, 2, 1, 3).reshape(h, d * B, d)  # (h, d*B, d): head j's rows, ordered (row, image)
+    mixed_values = torch.bmm(rows, value_weight.reshape(h, d, C))  # (h, d*B, C): A_j W_v,j per image
+    weight = torch.mm(mixed_values.view(C, B * C).t(), proj_weight.t()).view(B, C, C)  # (B, C, C): (in, out)
+    bias = proj_bias.expand(B, C) if proj_bias is not None else x.new_zeros(B, C)
+    if value_bias is not None:
+        shifts = torch.matmul(attn, value_bias.reshape(h, 1, d, 1)).view(h, B, d)  # (h, B, d): A_j b_v,j
+        bias = F.linear(shifts.permute(1, 0, 2).reshape(B, C), proj_weight, proj_bias)  # (B, C)
+    return torch.baddbmm(bias.unsqueeze(1), x, weight)  # (B, N, C)
+
+
+@_xca_values_folded.register_fake
+def _(x, qk, temperature, num_heads, value_weight, value_bias, proj_weight, proj_bias):
+    return x.new_empty(x.shape)
+
+
 class XCA(FastPathModule, nn.Module):
     """Cross-covariance attention: a (d x d) softmax per head, linear in the number of tokens.
 
@@ -416,7 +448,9 @@ class XCA(FastPathModule, nn.Module):
     `reference` is the official formulation, token-major. `token_major` (float32) is
     the same maths in `token_major_xca`, on strided views of the fused qkv with its
     backward written out. `through_projection` (float32) folds each head's value
-    mixing into the output projection's weights (`xca_through_projection`).
+    mixing into the output projection's weights (`xca_through_projection`), and
+    `values_folded` (float32, inference) the value projection too, so that the
+    values are never computed (`xcit::xca_values_folded`).
     `channel_major` moves q, k and v once to (3, B, h, d, N),
     where each head's tokens are contiguous rows; in lower precision it normalises q
     and k first, in float32, so q @ k^T stays in range.
@@ -483,7 +517,9 @@ class XCA(FastPathModule, nn.Module):
         train = autograd_records(x, self.qkv.weight)
         forwards = dict(channel_major=self._channel_major, reference=self._reference)
         if x.dtype in (torch.float32, torch.float64) and not autocast_active(x) and not dropout:
-            forwards = dict(token_major=self._token_major, through_projection=self._through_projection, **forwards)
+            folded = {} if train else dict(values_folded=self._values_folded)
+            forwards = dict(token_major=self._token_major, through_projection=self._through_projection, **folded,
+                            **forwards)
         # only asked on CUDA and outside torch.compile (which takes the reference under 'auto'): the question
         # imports Triton, and the CPU path stays as it was
         if (x.device.type == 'cuda' and not dropout and not torch.compiler.is_compiling()
@@ -511,6 +547,14 @@ class XCA(FastPathModule, nn.Module):
 
     def _through_projection(self, x: torch.Tensor) -> torch.Tensor:
         x = xca_through_projection(self.qkv(x), self.temperature, self.num_heads, self.proj.weight, self.proj.bias)
+        return self.proj_drop(x)  # (B, N, C)
+
+    def _values_folded(self, x: torch.Tensor) -> torch.Tensor:
+        C = x.shape[-1]
+        weight, bias = self.qkv.weight, self.qkv.bias
+        qk = linear(x, weight[:2 * C], None if bias is None else bias[:2 * C], impl=self.qkv.impl)  # (B, N, 2C)
+        x = _xca_values_folded(x, qk, self.temperature, self.num_heads, weight[2 * C:],
+                               None if bias is None else bias[2 * C:], self.proj.weight, self.proj.bias)
         return self.proj_drop(x)  # (B, N, C)
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
