@@ -26,9 +26,9 @@ from xcit.factory import create_model
 from xcit.models import set_fast_path
 from xcit.models.fastpath import cpu_name
 from xcit.models.layers import Linear, Mlp
-from xcit.models.xcit import XCA, ConvPatchEmbed
+from xcit.models.xcit import XCA, ClassAttention, ConvPatchEmbed
 
-KINDS = dict(xca=XCA, linear=Linear, mlp=Mlp, stem=ConvPatchEmbed)
+KINDS = dict(xca=XCA, linear=Linear, mlp=Mlp, stem=ConvPatchEmbed, cls=ClassAttention)
 VARIANTS = 'auto,reference,xca,xca+linear+mlp,eager,timm-compiled'
 
 

@@ -206,7 +206,8 @@ def test_compiled_paths_puts_only_the_named_kinds_on_the_fast_path():
     for module in model.modules():
         if hasattr(module, 'impl'):
             impls.setdefault(type(module).__name__, set()).add(module.impl)
-    assert impls == dict(ConvPatchEmbed={'reference'}, XCA={'fast'}, Linear={'reference'}, Mlp={'fast'})
+    assert impls == dict(ConvPatchEmbed={'reference'}, XCA={'fast'}, Linear={'reference'}, Mlp={'fast'},
+                         ClassAttention={'reference'})
     proc = subprocess.run([sys.executable, REPO / 'benchmarks' / 'compiled_paths.py', '--variants', 'reference,xca+lpi'],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and 'lpi is not one of' in proc.stderr.strip().splitlines()[-1]
