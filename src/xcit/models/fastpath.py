@@ -3,8 +3,8 @@
 A fast path (oneDNN GEMMs with fused bias and GELU, channel-major cross-covariance
 attention, a folded stem, class attention without keys or values) pays on some CPUs
 and costs on others: oneDNN's float32 GEMM is twice MKL's rate on an AMD EPYC and
-slower than it in the backward pass on an Intel Xeon. So nothing here is tuned by a constant. Each module with a fast path
-has `impl`, shown by print(model):
+slower than it in the backward pass on an Intel Xeon. So nothing here is tuned by a
+constant. Each module with a fast path has `impl`, shown by print(model):
 
 - 'auto' (the default): on first use for a given operation, shape and mode, both
   candidates run a few times on the real operands (forward, and the backward pass
