@@ -355,6 +355,14 @@ class FastPathModule:
         with buffers_put_back(self):
             return pick(self.impl, key, candidates)
 
+    def fastest(self, key: str, forwards: dict[str, Callable[[torch.Tensor], torch.Tensor]], x: torch.Tensor,
+                train: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The one of `forwards` (name -> a function of `x`, 'reference' among them) that `pick` chooses for
+        `key`, each timed on `x`, with the backward pass to `x` and this module's parameters where `train`."""
+        def timed(forward):  # built only when the key must be timed
+            return lambda: candidate_step(forward, (x,), train, list(self.parameters()))
+        return forwards[self.pick(key, {name: timed(f) for name, f in forwards.items()}, x)]
+
 
 def time_paths_for_graphs(model: nn.Module, args: tuple, kwargs: dict, backend: str | Callable = 'inductor') -> None:
     """Run `model(*args, **kwargs)` once eagerly (in the caller's grad mode), with each 'auto' layer timing its

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._base import ClassifierMixin, Trunk, create_family, head_classes, init_weights, shared_cfg
-from .fastpath import FastPathModule, candidate_step, dtype_tag, mode_tag
+from .fastpath import FastPathModule, dtype_tag, mode_tag
 from .layers import (DropPath, Linear, Mlp, autocast_active, autograd_records, fold_conv_bn, layer_scale_residual, linear,
                      on_contiguous_view, take_indices)
 from .xca_triton import fused_xca_runs, triton_available, xca_fused
@@ -127,13 +127,10 @@ class ConvPatchEmbed(FastPathModule, nn.Module):
 
     def _maps(self, x: torch.Tensor) -> torch.Tensor:
         """The last map (B, D, Hp, Wp), on the path chosen for x's shape."""
-        params = list(self.parameters())
-        grad = autograd_records(x, *params)
+        grad = autograd_records(x, *self.parameters())
         key = f'xcit stem {mode_tag(self.training, grad)} {x.device.type} {dtype_tag(x)} {tuple(x.shape)}'
-        path = self.pick(key, dict(channels_last_folded=lambda: candidate_step(self._fast, (x,), grad, params),
-                                   reference=lambda: candidate_step(self.proj, (x,), grad, params)), x)
         # passed straight in, so that no name here keeps the reordered copy of the image alive
-        return self.proj(x) if path == 'reference' else self._fast(x)
+        return self.fastest(key, dict(channels_last_folded=self._fast, reference=self.proj), x, grad)(x)
 
     def _fast(self, x: torch.Tensor) -> torch.Tensor:
         """`self.proj(x)` in channels-last; in inference with BatchNorm folded into each conv and GELU in place."""
@@ -529,10 +526,7 @@ class XCA(FastPathModule, nn.Module):
         key = (f'xca {"train" if train else "infer"} {x.device.type} {dtype_tag(x)} B{B} N{N} C{C} h{self.num_heads}'
                + (' attn_drop' if dropout else '') + (' triton' if 'triton' in forwards else ''))
 
-        def timed(f):  # built only when the key must be timed
-            return lambda: candidate_step(f, (x,), train, list(self.parameters()))
-        path = self.pick(key, {name: timed(f) for name, f in forwards.items()}, x)
-        return forwards[path](x)
+        return self.fastest(key, forwards, x, train)(x)
 
     def _channel_major(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -682,10 +676,7 @@ class ClassAttention(FastPathModule, nn.Module):
               f'h{self.num_heads}'
         forwards = dict(folded=self._folded, reference=self._reference)
 
-        def timed(f):  # built only when the key must be timed
-            return lambda: candidate_step(f, (x,), train, list(self.parameters()))
-        path = self.pick(key, {name: timed(f) for name, f in forwards.items()}, x)
-        return forwards[path](x)
+        return self.fastest(key, forwards, x, train)(x)
 
     def _reference(self, x: torch.Tensor) -> torch.Tensor:
         B, _, C = x.shape
