@@ -424,11 +424,11 @@ def _xca_values_folded(x: torch.Tensor, qk: torch.Tensor, temperature: torch.Ten
     rows = attn.permute(0, 2, 1, 3).reshape(h, d * B, d)  # (h, d*B, d): head j's rows, ordered (row, image)
     mixed_values = torch.bmm(rows, value_weight.reshape(h, d, C))  # (h, d*B, C): A_j W_v,j per image
     weight = torch.mm(mixed_values.view(C, B * C).t(), proj_weight.t()).view(B, C, C)  # (B, C, C): (in, out)
-    bias = proj_bias.expand(B, C) if proj_bias is not None else x.new_zeros(B, C)
+    bias = proj_bias
     if value_bias is not None:
         shifts = torch.matmul(attn, value_bias.reshape(h, 1, d, 1)).view(h, B, d)  # (h, B, d): A_j b_v,j
-        bias = F.linear(shifts.permute(1, 0, 2).reshape(B, C), proj_weight, proj_bias)  # (B, C)
-    return torch.baddbmm(bias.unsqueeze(1), x, weight)  # (B, N, C)
+        bias = F.linear(shifts.permute(1, 0, 2).reshape(B, 1, C), proj_weight, proj_bias)  # (B, 1, C)
+    return torch.bmm(x, weight) if bias is None else torch.baddbmm(bias, x, weight)  # (B, N, C)
 
 
 @_xca_values_folded.register_fake
@@ -525,7 +525,6 @@ class XCA(FastPathModule, nn.Module):
         # the candidates are part of the question: a decision for 'triton' is not reused where Triton is missing
         key = (f'xca {"train" if train else "infer"} {x.device.type} {dtype_tag(x)} B{B} N{N} C{C} h{self.num_heads}'
                + (' attn_drop' if dropout else '') + (' triton' if 'triton' in forwards else ''))
-
         return self.fastest(key, forwards, x, train)(x)
 
     def _channel_major(self, x: torch.Tensor) -> torch.Tensor:
@@ -545,10 +544,10 @@ class XCA(FastPathModule, nn.Module):
 
     def _values_folded(self, x: torch.Tensor) -> torch.Tensor:
         C = x.shape[-1]
-        weight, bias = self.qkv.weight, self.qkv.bias
-        qk = linear(x, weight[:2 * C], None if bias is None else bias[:2 * C], impl=self.qkv.impl)  # (B, N, 2C)
-        x = _xca_values_folded(x, qk, self.temperature, self.num_heads, weight[2 * C:],
-                               None if bias is None else bias[2 * C:], self.proj.weight, self.proj.bias)
+        w_qk, w_v = self.qkv.weight.split((2 * C, C))
+        b_qk, b_v = self.qkv.bias.split((2 * C, C)) if self.qkv.bias is not None else (None, None)
+        qk = linear(x, w_qk, b_qk, impl=self.qkv.impl)  # (B, N, 2C)
+        x = _xca_values_folded(x, qk, self.temperature, self.num_heads, w_v, b_v, self.proj.weight, self.proj.bias)
         return self.proj_drop(x)  # (B, N, C)
 
     def _fused(self, x: torch.Tensor) -> torch.Tensor:
@@ -674,9 +673,7 @@ class ClassAttention(FastPathModule, nn.Module):
         train = autograd_records(x, self.qkv.weight)
         key = f'class attention {mode_tag(self.training, train)} {x.device.type} {dtype_tag(x)} B{B} N{N} C{C} ' \
               f'h{self.num_heads}'
-        forwards = dict(folded=self._folded, reference=self._reference)
-
-        return self.fastest(key, forwards, x, train)(x)
+        return self.fastest(key, dict(folded=self._folded, reference=self._reference), x, train)(x)
 
     def _reference(self, x: torch.Tensor) -> torch.Tensor:
         B, _, C = x.shape
